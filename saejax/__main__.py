@@ -1,0 +1,3 @@
+from saejax.cli import run
+
+run()

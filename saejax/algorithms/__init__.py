@@ -1,0 +1,15 @@
+"""Training algorithms by config name (`train.algorithm`). A new one: one file + one line here."""
+
+from saejax.algorithms.adam import Adam
+from saejax.algorithms.base import PARAMS, STEP, State, TrainAlgorithm
+
+ALGORITHMS: dict[str, type[TrainAlgorithm]] = {
+    Adam.name: Adam,
+}
+
+
+def get_algorithm(family, config, mesh) -> TrainAlgorithm:
+    return ALGORITHMS[config.train.algorithm](family, config, mesh)
+
+
+__all__ = ["ALGORITHMS", "PARAMS", "STEP", "State", "TrainAlgorithm", "get_algorithm"]

@@ -1,0 +1,135 @@
+"""`saejax` command line: train, plan.
+
+  saejax train --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] --workdir DIR
+  saejax plan  --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] [--devices N]
+
+CONFIG is a path to a Python file with get_config(), or the name of a
+built-in config (default, npy, gpt2_small, plan_16m). Exit codes: 0 done,
+2 bad input, 3 training diverged (NaN/inf), 4 over the memory budget,
+75 preempted after saving (requeue the job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from saejax.errors import SaeJaxError
+
+DEFAULT_CONFIG = "default"
+
+
+def _split_overrides(extra: Sequence[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    """--config.a.b=v and --config.a.b v into [("a.b", "v")]; anything else is an error."""
+    overrides, i = [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--config."):
+            parser.error(f"unrecognised argument {arg!r}")
+        key, eq, value = arg[len("--config."):].partition("=")
+        if not eq:
+            if i + 1 >= len(extra):
+                parser.error(f"{arg} needs a value: {arg}=VALUE")
+            value = extra[i + 1]
+            i += 1
+        overrides.append((key, value))
+        i += 1
+    return overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saejax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = "config file (or built-in name) with an optional :variant, e.g. default:n=2048,k=16"
+
+    train = commands.add_parser("train", help="train an SAE (resumes from the workdir's checkpoints)")
+    train.add_argument("--config", default=DEFAULT_CONFIG, help=config_help)
+    train.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics.jsonl, results.json, sae.safetensors")
+
+    plan = commands.add_parser("plan", help="compile the train step and print its per-device memory and FLOPs")
+    plan.add_argument("--config", default=DEFAULT_CONFIG, help=config_help)
+    plan.add_argument("--devices", type=int, default=0,
+                      help="plan for N simulated CPU devices (a topology you don't have); default: the real devices")
+    plan.add_argument("--json", default="", help="also write the plan to this file as JSON")
+    return parser
+
+
+def _simulate_cpu_devices(count: int) -> None:
+    """Must run before JAX touches a backend."""
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", count)
+
+
+def _train(args, config) -> int:
+    from saejax.trainer import train_and_evaluate
+
+    results = train_and_evaluate(config, args.workdir)
+    metrics = results.get("eval_metrics") or results.get("final_train_metrics", {})
+    summary = [f"done: {results['steps']} steps, {results['tokens_seen']:,} tokens in {results['wall_time_s']:.1f}s"]
+    summary.append("  nmse {:.4f}  L0 {:.2f}  dead fraction {:.4f}".format(
+        metrics.get("nmse", float("nan")), metrics.get("l0", float("nan")),
+        results.get("final_train_metrics", {}).get("dead_fraction", float("nan"))))
+    if "feature_recovery_mmcs" in results:
+        summary.append(f"  feature recovery (mean max cosine to the true dictionary) {results['feature_recovery_mmcs']:.4f}")
+    summary.append(f"  results: {os.path.join(args.workdir, 'results.json')}")
+    summary.append(f"  SAE:     {results['files']['sae']} (+ cfg.json)")
+    print("\n".join(summary))
+    return 0
+
+
+def _plan(args, config) -> int:
+    import jax
+
+    from saejax.algorithms import get_algorithm
+    from saejax.config import validate
+    from saejax.models import get_family
+    from saejax.plan import check_budget, compile_train_step, format_plan, make_plan
+    from saejax.sharding import make_mesh
+
+    mesh = make_mesh(*validate(config, jax.device_count()))
+    family = get_family(config)
+    algorithm = get_algorithm(family, config, mesh)
+    abstract_state = algorithm.abstract_state(int(config.sae.init_sample_rows))
+    compiled = compile_train_step(algorithm, abstract_state, int(config.data.batch_size), mesh)
+    plan = make_plan(compiled, abstract_state, family, config, mesh)
+    print(format_plan(plan, config))
+    if args.json:
+        from saejax.export import write_json_atomic
+
+        write_json_atomic(args.json, {**plan.as_dict(), "peak_bytes": plan.peak_bytes})
+    check_budget(plan, config)
+    if plan.largest_all_gather >= plan.batch_by_latents:
+        print("warning: the step all-gathers an array as large as a batch x latents block", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = _split_overrides(extra, parser)
+    try:
+        if args.command == "plan" and args.devices:
+            _simulate_cpu_devices(args.devices)
+        from saejax.config import load_config
+
+        config = load_config(args.config, overrides)
+        return {"train": _train, "plan": _plan}[args.command](args, config)
+    except SaeJaxError as e:
+        print(f"saejax {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"saejax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
+

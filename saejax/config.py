@@ -1,0 +1,330 @@
+"""Every config key saejax knows, its default, and the checks run before compiling.
+
+Config files (`saejax/configs/*.py`) start from `base_config()` and change
+values; the result is locked, so a misspelt key is an error, not a silently
+ignored setting. `validate()` then checks types and values against the
+device count, before anything is compiled or allocated.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import inspect
+import math
+import os
+from typing import Any, Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+from saejax.errors import ConfigError
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+TOPK_IMPLS = ("auto", "lax", "grouped")
+BUILTIN_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All keys with their defaults. Laptop-sized; config files scale it."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # parameter init and data order
+
+    c.sae = ml_collections.ConfigDict()
+    c.sae.family = "topk"  # see saejax.models.FAMILIES
+    c.sae.d = 64  # input (activation) dimension
+    c.sae.n = 1024  # number of latents
+    c.sae.k = 16  # active latents per token
+    c.sae.k_aux = config_dict.placeholder(int)  # AuxK latents; default: power of two near d/2
+    c.sae.auxk_coef = 1 / 32  # 0 disables AuxK
+    c.sae.multi_topk = False  # add multi_topk_coef * nmse at multi_topk_factor * k
+    c.sae.multi_topk_factor = 4
+    c.sae.multi_topk_coef = 1 / 8
+    c.sae.dead_tokens = 10_000_000  # a latent is dead after this many tokens without firing
+    c.sae.fire_threshold = 0.0  # fired means value > threshold (OpenAI's reference uses 1e-3)
+    c.sae.init_sample_rows = 32768  # rows for the geometric-median b_pre and the data scale
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = config_dict.placeholder(float)  # default 2e-4 / sqrt(n / 2^14)
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 6.25e-10
+    c.optim.warmup_steps = 100  # linear warm-up, then constant
+    c.optim.ema_decay = 0.0  # > 0 keeps an EMA of the weights (Gao et al.: 0.999), exported
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"  # see saejax.data.SOURCES
+    c.data.path = ""  # .npy file of shape (tokens, d) for source='npy'
+    c.data.batch_size = 4096  # global batch in tokens
+    c.data.normalize = True  # scale inputs so that E||x||^2 = d (scale stored with results)
+    c.data.eval_fraction = 0.01  # npy: rows held out for evaluation
+    c.data.prefetch = 2  # batches prepared ahead of the step
+    c.data.synthetic = ml_collections.ConfigDict()
+    c.data.synthetic.num_features = 512  # true dictionary size
+    c.data.synthetic.avg_active = 8.0  # expected true features per token
+    c.data.synthetic.power_law_exponent = 0.5  # feature i fires with probability ~ (i+1)^-exponent
+    c.data.synthetic.min_magnitude = 0.5  # active coefficients ~ U[min, max]
+    c.data.synthetic.max_magnitude = 1.5
+    c.data.synthetic.noise_std = 0.01  # isotropic Gaussian noise per coordinate
+    c.data.synthetic.dictionary_seed = 1234  # the true dictionary; separate from the data order
+
+    c.train = ml_collections.ConfigDict()
+    c.train.algorithm = "adam"  # see saejax.algorithms.ALGORITHMS
+    c.train.steps = 1000
+    c.train.log_every = 10  # steps between metric rows in metrics.jsonl
+    c.train.eval_batches = 4  # held-out batches evaluated at the end
+    c.train.compute_dtype = "float32"  # matmul inputs; bfloat16 on accelerators, loss stays float32
+    c.train.topk_impl = "auto"  # one of TOPK_IMPLS
+    c.train.progress = True  # progress bar on stderr
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500  # 0 disables periodic saves (a final one is still written)
+    c.checkpoint.keep_last = 3
+    c.checkpoint.keep_every = 0  # also keep every checkpoint whose step is a multiple of this
+    c.checkpoint.async_save = True
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1  # data-parallel groups (-1: all devices not used by model)
+    c.mesh.model = -1  # devices the dictionary is split over (-1: the rest)
+
+    c.device_memory_gb = 0.0  # per-device budget checked by the plan; 0 = no check
+    return c
+
+
+# ---------------------------------------------------------------------------- variants
+
+_VARIANT_ALIASES = {
+    "d": "sae.d",
+    "n": "sae.n",
+    "k": "sae.k",
+    "family": "sae.family",
+    "steps": "train.steps",
+    "batch": "data.batch_size",
+    "lr": "optim.lr",
+    "seed": "seed",
+    "data": "mesh.data",
+    "model": "mesh.model",
+    "path": "data.path",
+}
+
+
+def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Apply `get_config(arg)` variants such as "n=16384,k=32" or "sae.auxk_coef=0".
+
+    Short names: d, n, k, family, steps, batch, lr, seed, data, model, path;
+    any dotted key also works. Values are converted to the key's type.
+    """
+    if not arg:
+        return config
+    for item in arg.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise ConfigError(f"config variant {item!r} is not key=value (e.g. 'n=16384,k=32')")
+        key, value = (s.strip() for s in item.split("=", 1))
+        set_value(config, _VARIANT_ALIASES.get(key, key), value)
+    return config
+
+
+def _lookup(config, dotted: str):
+    *parents, leaf = dotted.split(".")
+    node = config
+    for i, part in enumerate(parents):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ConfigError(_unknown_key_message(".".join(parents[: i + 1]), node))
+        node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise ConfigError(_unknown_key_message(dotted, node))
+    return node, leaf
+
+
+def set_value(config, dotted: str, value: Any) -> None:
+    """Set a dotted key from a string or value, converting to the key's declared type."""
+    node, leaf = _lookup(config, dotted)
+    field_type = node.get_type(leaf)
+    try:
+        converted = _convert(value, field_type) if isinstance(value, str) else value
+        with node.unlocked():
+            node[leaf] = converted
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key {dotted!r} expects {field_type.__name__}, got {value!r}: {e}") from None
+
+
+def _convert(text: str, field_type: type) -> Any:
+    if field_type is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ValueError("use true or false")
+    if field_type is int:
+        return int(float(text)) if float(text).is_integer() else int(text)
+    if field_type is float:
+        return float(text)
+    return field_type(text)
+
+
+def _unknown_key_message(dotted: str, node) -> str:
+    leaf = dotted.split(".")[-1]
+    known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+    close = difflib.get_close_matches(leaf, known, n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown config key {dotted!r}.{hint} Known keys here: {', '.join(sorted(known))}"
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _check_schema(config, reference, prefix: str = "") -> None:
+    """Same keys as base_config(), each of a compatible type."""
+    for key in config.keys():
+        path = f"{prefix}{key}"
+        if key not in reference:
+            raise ConfigError(_unknown_key_message(path, reference))
+        ref_value, value = reference[key], config[key]
+        if isinstance(ref_value, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ConfigError(f"config key {path!r} must be a group of keys, got {value!r}")
+            _check_schema(value, ref_value, path + ".")
+            continue
+        expected = reference.get_type(key)
+        if value is None:
+            if ref_value is not None:
+                raise ConfigError(f"config key {path!r} must be set (a {expected.__name__})")
+            continue
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ConfigError(f"config key {path!r} expects {expected.__name__}, got {type(value).__name__} {value!r}")
+    missing = [k for k in reference.keys() if k not in config]
+    if missing:
+        raise ConfigError(f"config group {prefix.rstrip('.') or 'root'!r} lacks keys {missing}; start config files from saejax.config.base_config()")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config, num_devices: int) -> tuple[int, int]:
+    """Check a config before any compilation; returns the resolved (data, model) mesh shape."""
+    from saejax.algorithms import ALGORITHMS
+    from saejax.models import FAMILIES
+    from saejax.sharding import resolve_mesh_shape
+
+    _check_schema(config, base_config())
+    sae, optim, data, train, ckpt = config.sae, config.optim, config.data, config.train, config.checkpoint
+
+    _require(sae.family in FAMILIES, f"sae.family={sae.family!r} is not one of {sorted(FAMILIES)}")
+    _require(train.algorithm in ALGORITHMS, f"train.algorithm={train.algorithm!r} is not one of {sorted(ALGORITHMS)}")
+    _require(sae.d >= 1, f"sae.d={sae.d} must be >= 1")
+    _require(sae.n >= 1, f"sae.n={sae.n} must be >= 1")
+    _require(1 <= sae.k <= sae.n, f"sae.k={sae.k} must be between 1 and sae.n={sae.n}")
+    _require(sae.k_aux is None or sae.k_aux >= 1, f"sae.k_aux={sae.k_aux} must be >= 1 (or unset)")
+    _require(sae.auxk_coef >= 0, f"sae.auxk_coef={sae.auxk_coef} must be >= 0 (0 disables AuxK)")
+    _require(sae.multi_topk_factor >= 1, f"sae.multi_topk_factor={sae.multi_topk_factor} must be >= 1")
+    _require(0 < sae.dead_tokens < 2**31, f"sae.dead_tokens={sae.dead_tokens} must be in (0, 2^31)")
+    _require(sae.init_sample_rows >= 1, f"sae.init_sample_rows={sae.init_sample_rows} must be >= 1")
+
+    _require(optim.lr is None or (optim.lr > 0 and math.isfinite(optim.lr)), f"optim.lr={optim.lr} must be a positive number (or unset for 2e-4/sqrt(n/2^14))")
+    _require(0 <= optim.b1 < 1 and 0 <= optim.b2 < 1, f"optim.b1={optim.b1}, optim.b2={optim.b2} must be in [0, 1)")
+    _require(optim.eps > 0, f"optim.eps={optim.eps} must be > 0")
+    _require(optim.warmup_steps >= 0, f"optim.warmup_steps={optim.warmup_steps} must be >= 0")
+    _require(0 <= optim.ema_decay < 1, f"optim.ema_decay={optim.ema_decay} must be in [0, 1) (0 disables the EMA)")
+
+    from saejax.data import SOURCES
+
+    _require(data.source in SOURCES, f"data.source={data.source!r} is not one of {sorted(SOURCES)}")
+    _require(data.source != "npy" or bool(data.path), "data.source='npy' needs data.path=/path/to/activations.npy")
+    _require(data.batch_size >= 1, f"data.batch_size={data.batch_size} must be >= 1")
+    _require(0 <= data.eval_fraction < 1, f"data.eval_fraction={data.eval_fraction} must be in [0, 1)")
+    _require(data.prefetch >= 1, f"data.prefetch={data.prefetch} must be >= 1")
+    syn = data.synthetic
+    _require(syn.num_features >= 1, f"data.synthetic.num_features={syn.num_features} must be >= 1")
+    _require(0 < syn.avg_active <= syn.num_features, f"data.synthetic.avg_active={syn.avg_active} must be in (0, num_features]")
+    _require(0 <= syn.min_magnitude <= syn.max_magnitude, "data.synthetic needs 0 <= min_magnitude <= max_magnitude")
+    _require(syn.noise_std >= 0, f"data.synthetic.noise_std={syn.noise_std} must be >= 0")
+
+    _require(train.steps >= 1, f"train.steps={train.steps} must be >= 1")
+    _require(train.log_every >= 1, f"train.log_every={train.log_every} must be >= 1")
+    _require(train.eval_batches >= 0, f"train.eval_batches={train.eval_batches} must be >= 0")
+    _require(train.compute_dtype in COMPUTE_DTYPES, f"train.compute_dtype={train.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
+    _require(train.topk_impl in TOPK_IMPLS, f"train.topk_impl={train.topk_impl!r} is not one of {TOPK_IMPLS}")
+
+    _require(ckpt.every_steps >= 0, f"checkpoint.every_steps={ckpt.every_steps} must be >= 0")
+    _require(ckpt.keep_last >= 1, f"checkpoint.keep_last={ckpt.keep_last} must be >= 1")
+    _require(ckpt.keep_every >= 0, f"checkpoint.keep_every={ckpt.keep_every} must be >= 0")
+    _require(config.device_memory_gb >= 0, f"device_memory_gb={config.device_memory_gb} must be >= 0")
+
+    try:
+        mesh_data, mesh_model = resolve_mesh_shape(config.mesh.data, config.mesh.model, num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _require(
+        sae.n % mesh_model == 0,
+        f"sae.n={sae.n} is not divisible by the model axis ({mesh_model} devices); "
+        f"choose n as a multiple of {mesh_model} or change mesh.model",
+    )
+    _require(
+        data.batch_size % mesh_data == 0,
+        f"data.batch_size={data.batch_size} is not divisible by the data axis ({mesh_data} devices); "
+        f"choose a multiple of {mesh_data} or change mesh.data",
+    )
+    return mesh_data, mesh_model
+
+
+def learning_rate(config) -> float:
+    """optim.lr, or Gao et al.'s default 2e-4 / sqrt(n / 2^14)."""
+    if config.optim.lr is not None:
+        return float(config.optim.lr)
+    return 2e-4 / math.sqrt(config.sae.n / 2**14)
+
+
+# ---------------------------------------------------------------------------- config files
+
+
+def builtin_configs() -> list[str]:
+    return sorted(f[:-3] for f in os.listdir(BUILTIN_CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    """A config file path, or the name of a built-in config (e.g. 'default')."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    builtin = os.path.join(BUILTIN_CONFIG_DIR, name_or_path + ("" if name_or_path.endswith(".py") else ".py"))
+    if os.path.isfile(builtin):
+        return builtin
+    raise ConfigError(
+        f"config file {name_or_path!r} not found; give a path to a .py file with get_config(), "
+        f"or one of the built-in configs: {', '.join(builtin_configs())}"
+    )
+
+
+def load_config(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+    """Load `path[:variant]` via its get_config(variant), then apply `key=value` overrides.
+
+    The result is locked: later assignment to a key that does not exist fails.
+    """
+    path, _, variant = spec.partition(":")
+    path = resolve_config_path(path)
+    module_spec = importlib.util.spec_from_file_location(f"saejax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # a broken config file: say which and why
+        raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} has no get_config() function")
+    takes_arg = bool(inspect.signature(module.get_config).parameters)
+    if variant and not takes_arg:
+        raise ConfigError(f"config file {path} takes no variant, but {variant!r} was given")
+    config = module.get_config(variant or None) if takes_arg else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"get_config() in {path} returned {type(config).__name__}, not a ConfigDict")
+    for key, value in overrides:
+        set_value(config, key, value)
+    config.lock()
+    return config

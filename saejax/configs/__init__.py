@@ -1,0 +1,1 @@
+"""Built-in config files; `--config NAME` finds them by file name."""

@@ -1,0 +1,79 @@
+"""From a data source to device batches: normalisation, checks, prefetch."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import jax
+import numpy as np
+
+from saejax.data.source import DataSource, check_finite
+from saejax.errors import DataError
+
+
+def estimate_scale(sample: np.ndarray) -> float:
+    """Scale s with E||s x||^2 = d on the sample (the common SAE normalisation)."""
+    mean_sq_norm = float(np.mean(np.sum(np.square(sample, dtype=np.float64), axis=1)))
+    if not np.isfinite(mean_sq_norm) or mean_sq_norm <= 0:
+        raise DataError(f"cannot normalise: the data sample's mean squared norm is {mean_sq_norm}")
+    return float(np.sqrt(sample.shape[1] / mean_sq_norm))
+
+
+def host_batch(source: DataSource, step: int, batch_size: int, scale: float, split: str = "train") -> np.ndarray:
+    """This process's rows of batch `step`, checked for NaN/inf and normalised."""
+    local = source.read(step, batch_size, split, jax.process_index(), jax.process_count())
+    check_finite(local, step, split, source)
+    return local * np.float32(scale) if scale != 1.0 else local
+
+
+def device_batch(local: np.ndarray, batch_size: int, sharding) -> jax.Array:
+    return jax.make_array_from_process_local_data(sharding, local, (batch_size, local.shape[1]))
+
+
+class BatchFeeder:
+    """Reads and places batches for consecutive steps on a background thread.
+
+    The batch for step s depends only on s, so the feeder can start anywhere
+    (resume) and run ahead of the train step by `prefetch` batches.
+    """
+
+    def __init__(self, source: DataSource, batch_size: int, sharding, scale: float,
+                 start_step: int, stop_step: int, prefetch: int, split: str = "train"):
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._next = start_step
+        args = (source, batch_size, sharding, scale, start_step, stop_step, split)
+        self._thread = threading.Thread(target=self._work, args=args, daemon=True, name="saejax-feeder")
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self, source, batch_size, sharding, scale, start_step, stop_step, split):
+        try:
+            for step in range(start_step, stop_step):
+                batch = device_batch(host_batch(source, step, batch_size, scale, split), batch_size, sharding)
+                if not self._put((step, batch)):
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put((None, e))
+
+    def get(self, step: int) -> jax.Array:
+        """The batch for `step`; steps must be asked for in order."""
+        got, item = self._queue.get()
+        if got is None:
+            raise item
+        if got != step:
+            raise RuntimeError(f"feeder out of order: asked for step {step}, had step {got}")
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

@@ -1,0 +1,15 @@
+"""SAE families by config name (`sae.family`). A new family: one file + one line here."""
+
+from saejax.models.base import LossOutput, ParamSpec, SAEFamily
+from saejax.models.topk import TopK
+
+FAMILIES: dict[str, type[SAEFamily]] = {
+    TopK.name: TopK,
+}
+
+
+def get_family(config) -> SAEFamily:
+    return FAMILIES[config.sae.family](config)
+
+
+__all__ = ["FAMILIES", "LossOutput", "ParamSpec", "SAEFamily", "get_family"]

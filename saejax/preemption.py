@@ -1,0 +1,55 @@
+"""SIGTERM/SIGINT: finish the step, save, wait for the save, exit for requeue.
+
+Cluster schedulers (SLURM, TPU maintenance) send SIGTERM before killing a
+job. The guard only records the request; the training loop acts on it
+between steps. A second SIGINT interrupts at once (Ctrl-C twice).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import jax
+import numpy as np
+
+from saejax.errors import EXIT_REQUEUE, SaeJaxError
+
+
+class Preempted(SaeJaxError):
+    """Raised after the state was saved; the CLI exits with EXIT_REQUEUE."""
+
+    exit_code = EXIT_REQUEUE
+
+
+class PreemptionGuard:
+    def __init__(self):
+        self._requested = threading.Event()
+        self.signal_name = ""
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self._requested.is_set():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        self._requested.set()
+
+    def __enter__(self) -> "PreemptionGuard":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self) -> bool:
+        """True on every process if any process was signalled (agreed across hosts)."""
+        local = self._requested.is_set()
+        if jax.process_count() == 1:
+            return local
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array([local]))))

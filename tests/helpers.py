@@ -1,0 +1,76 @@
+"""Shared test utilities: small configs and a dense reference TopK SAE."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from saejax.config import base_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(**overrides):
+    """A tiny TopK config on synthetic data; overrides as dotted keys."""
+    config = base_config()
+    config.sae.d = 16
+    config.sae.n = 256
+    config.sae.k = 8
+    config.sae.k_aux = 16
+    config.sae.init_sample_rows = 512
+    config.data.batch_size = 64
+    config.data.synthetic.num_features = 64
+    config.data.synthetic.avg_active = 4.0
+    config.optim.lr = 1e-3
+    config.optim.warmup_steps = 2
+    config.train.steps = 5
+    config.train.log_every = 1
+    config.train.eval_batches = 1
+    config.train.progress = False
+    config.checkpoint.every_steps = 0
+    config.checkpoint.async_save = False
+    config.mesh.data = 1
+    config.mesh.model = 1
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    config.lock()
+    return config
+
+
+def dense_reference_loss(params, x, dead, k, k_aux, auxk_coef, multi_k=None, multi_coef=0.0):
+    """The TopK SAE loss written the obvious way: dense codes, lax.top_k over all latents."""
+    pre = (x - params["b_pre"]) @ params["W_enc"] + params["b_enc"]
+    rows = jnp.arange(x.shape[0])[:, None]
+
+    def codes(values, indices):
+        return jnp.zeros_like(pre).at[rows, indices].set(jax.nn.relu(values))
+
+    def nmse(a, r):
+        return jnp.sum((a - r) ** 2) / jnp.sum((a - a.mean(0)) ** 2)
+
+    recon = codes(*jax.lax.top_k(pre, k)) @ params["W_dec"] + params["b_pre"]
+    loss = nmse(x, recon)
+    if multi_k:
+        loss = loss + multi_coef * nmse(x, codes(*jax.lax.top_k(pre, multi_k)) @ params["W_dec"] + params["b_pre"])
+    if k_aux:
+        residual = jax.lax.stop_gradient(x - recon)
+        aux_codes = codes(*jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), k_aux))
+        aux = jnp.where(dead.any(), nmse(residual, aux_codes @ params["W_dec"]), 0.0)
+        loss = loss + auxk_coef * aux
+    return loss
+
+
+def run_cli(*args, env=None, timeout=600, **kwargs):
+    """Run `python -m saejax ARGS` in a fresh process (its own device count)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "saejax", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=REPO, **kwargs)
