@@ -134,6 +134,9 @@ def _lookup(config, dotted: str):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
             raise ConfigError(_unknown_key_message(".".join(parents[: i + 1]), node))
         node = node[part]
+        if not isinstance(node, ml_collections.ConfigDict):
+            prefix = ".".join(parents[: i + 1])
+            raise ConfigError(f"unknown config key {dotted!r}: {prefix!r} is a value, not a group of keys")
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
         raise ConfigError(_unknown_key_message(dotted, node))
     return node, leaf
@@ -142,6 +145,8 @@ def _lookup(config, dotted: str):
 def set_value(config, dotted: str, value: Any) -> None:
     """Set a dotted key from a string or value, converting to the key's declared type."""
     node, leaf = _lookup(config, dotted)
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+        raise ConfigError(f"config key {dotted!r} is a group of keys ({', '.join(sorted(node[leaf].keys()))}); set one of them")
     field_type = node.get_type(leaf)
     try:
         converted = _convert(value, field_type) if isinstance(value, str) else value
@@ -160,7 +165,13 @@ def _convert(text: str, field_type: type) -> Any:
             return False
         raise ValueError("use true or false")
     if field_type is int:
-        return int(float(text)) if float(text).is_integer() else int(text)
+        try:
+            return int(text)
+        except ValueError:
+            as_float = float(text)  # accepts 1e6; rejects 2.5 below
+            if not as_float.is_integer():
+                raise ValueError("not an integer") from None
+            return int(as_float)
     if field_type is float:
         return float(text)
     return field_type(text)
@@ -321,9 +332,15 @@ def load_config(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_coll
     takes_arg = bool(inspect.signature(module.get_config).parameters)
     if variant and not takes_arg:
         raise ConfigError(f"config file {path} takes no variant, but {variant!r} was given")
-    config = module.get_config(variant or None) if takes_arg else module.get_config()
+    try:
+        config = module.get_config(variant or None) if takes_arg else module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # e.g. a value of the wrong type for its key
+        raise ConfigError(f"get_config() in {path} failed: {type(e).__name__}: {e}") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"get_config() in {path} returned {type(config).__name__}, not a ConfigDict")
+    _check_schema(config, base_config())  # a misspelt key in the file itself
     for key, value in overrides:
         set_value(config, key, value)
     config.lock()

@@ -21,7 +21,7 @@ import saejax
 from saejax.algorithms import PARAMS, STEP, get_algorithm
 from saejax.checkpoint import Checkpointer
 from saejax.config import validate
-from saejax.data import make_source
+from saejax.data import check_finite, make_source
 from saejax.data.pipeline import BatchFeeder, device_batch, estimate_scale, host_batch
 from saejax.data.synthetic import SyntheticSource
 from saejax.errors import ConfigError, DataError, TrainingDivergedError
@@ -92,6 +92,7 @@ class _Run:
             check_resumable(self.meta["config"], config)
 
         sample = self.source.sample(int(config.sae.init_sample_rows))
+        check_finite(sample, 0, "train", self.source, what="the initialisation sample (sae.init_sample_rows rows)")
         if self.meta:
             self.scale = float(self.meta["normalization"]["scale"])
         else:

@@ -70,7 +70,8 @@ def dense_reference_loss(params, x, dead, k, k_aux, auxk_coef, multi_k=None, mul
 
 def run_cli(*args, env=None, timeout=600, **kwargs):
     """Run `python -m saejax ARGS` in a fresh process (its own device count)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env.pop("XLA_FLAGS", None)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full_env.pop("XLA_FLAGS", None)  # the test process's simulated devices are not inherited
+    full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "saejax", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=REPO, **kwargs)

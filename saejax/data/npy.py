@@ -8,7 +8,6 @@ permutation each epoch; the rows of batch `step` are computed from
 
 from __future__ import annotations
 
-import functools
 import os
 
 import numpy as np
@@ -42,6 +41,7 @@ class NpySource(DataSource):
         order = np.random.default_rng([self.seed, 0xE7A1]).permutation(num_rows)
         self.eval_rows = np.sort(order[:num_eval])
         self.train_rows = np.sort(order[num_eval:])
+        self._epoch_cache: dict[int, np.ndarray] = {}
         if self.train_rows.size == 0:
             raise DataError(f"{self.path} has {num_rows} rows, none left for training after the eval split")
 
@@ -49,9 +49,13 @@ class NpySource(DataSource):
     def from_config(cls, config) -> "NpySource":
         return cls(config.data.path, config.sae.d, config.seed, config.data.eval_fraction)
 
-    @functools.lru_cache(maxsize=2)
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.train_rows)
+        """Training rows in epoch `epoch`'s order (the current and previous epochs are cached)."""
+        if epoch not in self._epoch_cache:
+            if len(self._epoch_cache) >= 2:
+                self._epoch_cache.pop(min(self._epoch_cache))
+            self._epoch_cache[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.train_rows)
+        return self._epoch_cache[epoch]
 
     def _gather(self, row_ids: np.ndarray) -> np.ndarray:
         order = np.argsort(row_ids, kind="stable")  # read in file order, return in batch order
@@ -59,18 +63,22 @@ class NpySource(DataSource):
         out[order] = self.array[row_ids[order]]
         return out
 
-    def rows(self, step, batch_size, split, start, stop):
+    def row_ids(self, step: int, batch_size: int, split: str, start: int, stop: int) -> np.ndarray:
+        """File row numbers of rows [start, stop) of global batch `step` of `split`."""
         positions = np.arange(step * batch_size + start, step * batch_size + stop, dtype=np.int64)
         if split == "eval":
             if self.eval_rows.size == 0:
                 raise DataError("no evaluation rows: set data.eval_fraction > 0 or train.eval_batches=0")
-            return self._gather(self.eval_rows[positions % self.eval_rows.size])
+            return self.eval_rows[positions % self.eval_rows.size]
         epochs, offsets = np.divmod(positions, self.train_rows.size)
         ids = np.empty_like(positions)
         for epoch in np.unique(epochs):
             chosen = epochs == epoch
             ids[chosen] = self._epoch_order(int(epoch))[offsets[chosen]]
-        return self._gather(ids)
+        return ids
+
+    def rows(self, step, batch_size, split, start, stop):
+        return self._gather(self.row_ids(step, batch_size, split, start, stop))
 
     def sample(self, num_rows):
         rng = np.random.default_rng([self.seed, 0x5A3])

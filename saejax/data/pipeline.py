@@ -42,7 +42,7 @@ class BatchFeeder:
                  start_step: int, stop_step: int, prefetch: int, split: str = "train"):
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
-        self._next = start_step
+        self._error: BaseException | None = None
         args = (source, batch_size, sharding, scale, start_step, stop_step, split)
         self._thread = threading.Thread(target=self._work, args=args, daemon=True, name="saejax-feeder")
         self._thread.start()
@@ -67,8 +67,11 @@ class BatchFeeder:
 
     def get(self, step: int) -> jax.Array:
         """The batch for `step`; steps must be asked for in order."""
+        if self._error is not None:
+            raise self._error
         got, item = self._queue.get()
         if got is None:
+            self._error = item
             raise item
         if got != step:
             raise RuntimeError(f"feeder out of order: asked for step {step}, had step {got}")

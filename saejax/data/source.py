@@ -50,14 +50,14 @@ class DataSource(abc.ABC):
         return self.rows(step, batch_size, split, start, start + per_process)
 
 
-def check_finite(batch: np.ndarray, step: int, split: str, source: DataSource) -> None:
-    """Raise a DataError naming the step and row if a batch holds NaN or inf."""
+def check_finite(batch: np.ndarray, step: int, split: str, source: DataSource, what: str = "") -> None:
+    """Raise a DataError naming the step (or `what`) and row if a batch holds NaN or inf."""
     finite = np.isfinite(batch)
     if finite.all():
         return
     bad_rows = np.flatnonzero(~finite.all(axis=1))
     raise DataError(
-        f"{split} batch for step {step} from {source.describe()} contains NaN/inf in "
+        f"{what or f'{split} batch for step {step}'} from {source.describe()} contains NaN/inf in "
         f"{bad_rows.size} row(s) (first at row {bad_rows[0]} of the batch). The data is corrupt; "
         "fix or regenerate it. Nothing was trained on this batch and existing checkpoints are intact."
     )
