@@ -61,27 +61,34 @@ def test_gather_and_scatter_primitives():
     np.testing.assert_allclose(scatter_rows(w.shape[0], idx, coeffs, g), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("any_dead", [True, False])
-def test_encode_select_gradients_touch_only_selected_latents(any_dead):
+# Dead every 3rd latent: 86 > 4 * k_aux = 48 (sparse AuxK path); every 7th: 37 (dense block of 48);
+# every 40th: 7 (dense block of k_aux = 12); none (AuxK skipped).
+@pytest.mark.parametrize("dead_every", [3, 7, 40, 0])
+def test_encode_select_gradients_touch_only_selected_latents(dead_every):
+    any_dead = dead_every > 0
     B, d, n, k, k_aux = 32, 16, 256, 8, 12
     keys = jax.random.split(jax.random.PRNGKey(3), 5)
     x = jax.random.normal(keys[0], (B, d))
     b_pre = jax.random.normal(keys[1], (d,))
     w_enc = jax.random.normal(keys[2], (d, n))
     b_enc = jax.random.normal(keys[3], (n,))
-    dead = (jnp.arange(n) % 5 == 0) & any_dead
-    cot = jax.random.normal(keys[4], (B, k)), jax.random.normal(keys[4], (B, k_aux)) * 0.5
+    dead = (jnp.arange(n) % max(dead_every, 1) == 0) & any_dead
+    # Weights per (token, latent), so the check does not depend on the order candidates come in.
+    weight = jax.random.normal(keys[4], (B, n)), 0.5 * jax.random.normal(keys[0], (B, n))
     encode = make_encode_select(k, k_aux)
 
+    def weighted(values, indices, w):
+        return jnp.sum(jnp.where(jnp.isfinite(values), values, 0.0) * jnp.take_along_axis(w, indices, 1))
+
     def ours(b_pre, w_enc, b_enc):
-        v, _, av, _ = encode(x, b_pre, w_enc, b_enc, dead, jnp.any(dead))
-        return jnp.sum(v * cot[0]) + jnp.sum(jnp.where(jnp.isfinite(av), av, 0.0) * cot[1])
+        v, i, av, ai = encode(x, b_pre, w_enc, b_enc, dead, jnp.sum(dead))
+        return weighted(v, i, weight[0]) + weighted(av, ai, weight[1])
 
     def reference(b_pre, w_enc, b_enc):
         pre = (x - b_pre) @ w_enc + b_enc
-        total = jnp.sum(jax.lax.top_k(pre, k)[0] * cot[0])
+        total = weighted(*jax.lax.top_k(pre, k), weight[0])
         if any_dead:
-            total += jnp.sum(jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), k_aux)[0] * cot[1])
+            total += weighted(*jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), k_aux), weight[1])
         return total
 
     got = jax.grad(ours, argnums=(0, 1, 2))(b_pre, w_enc, b_enc)
@@ -93,7 +100,7 @@ def test_encode_select_gradients_touch_only_selected_latents(any_dead):
 def test_encode_select_aux_filler_when_nothing_is_dead():
     encode = make_encode_select(4, 8)
     x = jnp.ones((3, 8))
-    _, _, aux_values, _ = encode(x, jnp.zeros(8), jnp.eye(8, 64), jnp.zeros(64), jnp.zeros(64, bool), jnp.array(False))
+    _, _, aux_values, _ = encode(x, jnp.zeros(8), jnp.eye(8, 64), jnp.zeros(64), jnp.zeros(64, bool), jnp.array(0))
     assert aux_values.shape == (3, 8) and bool(jnp.all(aux_values == -jnp.inf))
 
 

@@ -22,6 +22,7 @@ from saejax.models.base import (
     remove_parallel_component,
     unit_rows,
 )
+from saejax.ops import compact
 from saejax.ops import latent_parallel as lp
 from saejax.ops.geometric_median import geometric_median
 from saejax.ops.sparse import make_encode_select
@@ -77,14 +78,15 @@ class TopK(SAEFamily):
 
     # ------------------------------------------------------------------ forward
 
-    def _per_shard(self, x, w_enc, b_enc, w_dec, b_pre, dead, any_dead):
+    def _per_shard(self, x, w_enc, b_enc, w_dec, b_pre, dead, dead_count):
         """Runs on one device: local candidates -> global top-k -> owned decode."""
         n_local = w_enc.shape[1]
+        k_aux_local = min(self.k_aux, n_local)
         encode_select = make_encode_select(
-            min(self.k_multi, n_local), min(self.k_aux, n_local), self.compute_dtype, self.topk_impl
+            min(self.k_multi, n_local), k_aux_local, self.compute_dtype, self.topk_impl
         )
         values, indices, aux_values, aux_indices = encode_select(
-            lp.vary(x), lp.vary(b_pre), lp.vary(w_enc), lp.vary(b_enc), dead, any_dead
+            lp.vary(x), lp.vary(b_pre), lp.vary(w_enc), lp.vary(b_enc), dead, dead_count
         )
         offset = lp.latent_offset(n_local)
         w_dec = lp.vary(w_dec)
@@ -96,14 +98,20 @@ class TopK(SAEFamily):
         recon_multi = lp.decode_owned(codes, top_indices, w_dec) + b_pre if self.multi_coef else recon
 
         if self.k_aux:
-            def aux_decode():
+            def survivors():
                 aux_top, aux_top_idx = lp.global_top_k(aux_values, aux_indices + offset, self.k_aux, self.topk_impl)
-                return lp.decode_owned(jax.nn.relu(aux_top), aux_top_idx, w_dec)
+                return jax.nn.relu(aux_top), aux_top_idx
 
             def no_dead():
                 return lp.vary(jnp.zeros_like(x), (DATA_AXIS,))
 
-            aux_recon = jax.lax.cond(any_dead, aux_decode, no_dead)
+            def block_decode(capacity):
+                return lambda: lp.decode_owned_block(*survivors(), w_dec, compact.member_ids(dead, capacity))
+
+            # The same branch as encode_select took: nothing dead / few dead (dense block) / many.
+            caps = compact.capacities(k_aux_local, n_local)
+            branches = [no_dead] + [block_decode(c) for c in caps] + [lambda: lp.decode_owned(*survivors(), w_dec)]
+            aux_recon = jax.lax.switch(compact.branch_index(dead_count, caps), branches)
         else:
             aux_recon = jnp.zeros_like(recon)
 
@@ -122,7 +130,9 @@ class TopK(SAEFamily):
             in_specs=(batch, spec(("embed", "latent")), latent, spec(("latent", "embed")), replicated, latent, replicated),
             out_specs=(batch, batch, batch, replicated, latent),
         )
-        return sharded(x, params["W_enc"], params["b_enc"], params["W_dec"], params["b_pre"], dead, jnp.any(dead))
+        # Dead latents on the device that has the most: decides AuxK's path (the same on all devices).
+        dead_count = jnp.max(jnp.sum(dead.reshape(mesh.shape[MODEL_AXIS], -1), axis=1, dtype=jnp.int32))
+        return sharded(x, params["W_enc"], params["b_enc"], params["W_dec"], params["b_pre"], dead, dead_count)
 
     def loss(self, params, batch, dead, mesh):
         recon, recon_multi, aux_recon, active, fired = self.forward(params, batch, dead, mesh)

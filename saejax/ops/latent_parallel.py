@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from saejax.ops import vma
+from saejax.ops import compact, vma
 from saejax.ops.sparse import sparse_decode
 from saejax.ops.topk import top_k
 from saejax.sharding import DATA_AXIS, MODEL_AXIS
@@ -53,6 +53,16 @@ def decode_owned(codes, global_indices, w_dec_local):
     local, owned = own_slots(global_indices, w_dec_local.shape[0])
     partial = sparse_decode(jnp.where(owned, codes, 0.0), local, w_dec_local)
     return jax.lax.psum(partial, MODEL_AXIS)
+
+
+def decode_owned_block(codes, global_indices, w_dec_local, member_ids):
+    """`decode_owned` for survivors drawn from a small latent set (`member_ids`): one dense matmul."""
+    num_local = w_dec_local.shape[0]
+    local, owned = own_slots(global_indices, num_local)
+    pos, member = compact.block_positions(member_ids, local, num_local)
+    block = compact.scatter_to_block(codes, pos, owned & member, member_ids.shape[0], w_dec_local)
+    rows = jnp.take(w_dec_local, member_ids, axis=0, mode="fill", fill_value=0.0)
+    return jax.lax.psum(block @ rows, MODEL_AXIS)
 
 
 def fired_latents(codes, global_indices, num_local: int, threshold: float):
