@@ -242,9 +242,9 @@ class _Run:
         weights_path, cfg_path = export_sae(self.workdir, tensors, cfg)
         meta = self._meta(steps)
         final_train = self.last_metrics
-        if final_train is None:  # nothing trained in this invocation (it resumed a finished run)
-            rows = read_metrics(os.path.join(self.workdir, METRICS_FILE)) if os.path.exists(os.path.join(self.workdir, METRICS_FILE)) else []
-            final_train = rows[-1] if rows else {}
+        metrics_path = os.path.join(self.workdir, METRICS_FILE)
+        if final_train is None and os.path.exists(metrics_path):  # this invocation trained no step
+            final_train = (read_metrics(metrics_path) or [{}])[-1]
         results = {
             "config": self.config.to_dict(),
             "steps": steps,
@@ -252,13 +252,13 @@ class _Run:
             "wall_time_s": meta["wall_time_s"],
             "flops_per_step": self.plan.flops_per_step,
             "total_flops": self.plan.flops_per_step * steps,
-            "final_train_metrics": final_train,
+            "final_train_metrics": final_train or {},
             "eval_metrics": eval_metrics,
             "normalization": {"scale": self.scale},
             "data": self.source.metadata(),
             "plan": self.plan.as_dict(),
             "files": {"sae": weights_path, "cfg": cfg_path, "checkpoints": self.checkpointer.directory,
-                      "metrics": os.path.join(self.workdir, METRICS_FILE)},
+                      "metrics": metrics_path},
         }
         if isinstance(self.source, SyntheticSource):
             dictionary = np.asarray(jax.device_get(self.family.dictionary(params)))

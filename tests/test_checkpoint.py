@@ -37,7 +37,7 @@ def test_restore_onto_other_mesh_shapes(tmp_path):
         _, abstract = _state_on(mesh_shape, config)
         restored, meta = ckpt.restore(7, abstract)
         assert meta == {"note": "saved on 1x8"}
-        for got, want, target in zip(jax.tree.leaves(restored), jax.tree.leaves(expected), jax.tree.leaves(abstract)):
+        for got, want, target in zip(jax.tree.leaves(restored), jax.tree.leaves(expected), jax.tree.leaves(abstract), strict=True):
             np.testing.assert_array_equal(np.asarray(got), want)
             assert got.sharding == target.sharding
     ckpt.close()

@@ -50,7 +50,7 @@ def test_sparse_decode_and_its_gradients_equal_dense_matmul():
     np.testing.assert_allclose(sparse_decode(coeffs, idx, w), dense(coeffs, w), rtol=1e-5, atol=1e-5)
     got = jax.vjp(lambda c, w: sparse_decode(c, idx, w), coeffs, w)[1](g)
     want = jax.vjp(dense, coeffs, w)[1](g)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -93,7 +93,7 @@ def test_encode_select_gradients_touch_only_selected_latents(dead_every):
 
     got = jax.grad(ours, argnums=(0, 1, 2))(b_pre, w_enc, b_enc)
     want = jax.grad(reference, argnums=(0, 1, 2))(b_pre, w_enc, b_enc)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 

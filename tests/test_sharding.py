@@ -91,9 +91,9 @@ def test_five_steps_sharded_equal_unsharded():
         # relative difference of ~1e-7 per step; Adam's normalised update passes it on
         # without amplification after 5 steps at lr 1e-3. The top-k selections are
         # identical (checked through L0, dead fraction and losses).
-        for ref_leaf, leaf in zip(jax.tree.leaves(reference), jax.tree.leaves(state)):
+        for ref_leaf, leaf in zip(jax.tree.leaves(reference), jax.tree.leaves(state), strict=True):
             np.testing.assert_allclose(leaf, ref_leaf, rtol=1e-5, atol=2e-6, err_msg=str(mesh_shape))
-        for ref_m, m in zip(ref_history, history):
+        for ref_m, m in zip(ref_history, history, strict=True):
             assert m["l0"] == ref_m["l0"] and m["dead_fraction"] == ref_m["dead_fraction"]
             np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=1e-5)
 

@@ -121,7 +121,7 @@ def test_nan_in_data_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_
     reference = Checkpointer(os.path.join(clean_dir, "checkpoints"))
     clean_state, _ = reference.restore(last, abstract)
     assert meta["step"] == last
-    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(clean_state)):
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(clean_state), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert not os.path.exists(os.path.join(bad_dir, "results.json"))
     good.close()
