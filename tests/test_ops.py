@@ -61,12 +61,14 @@ def test_gather_and_scatter_primitives():
     np.testing.assert_allclose(scatter_rows(w.shape[0], idx, coeffs, g), ref, rtol=1e-5, atol=1e-5)
 
 
-# Dead every 3rd latent: 86 > 4 * k_aux = 48 (sparse AuxK path); every 7th: 37 (dense block of 48);
-# every 40th: 7 (dense block of k_aux = 12); none (AuxK skipped).
-@pytest.mark.parametrize("dead_every", [3, 7, 40, 0])
-def test_encode_select_gradients_touch_only_selected_latents(dead_every):
+# AuxK's path depends on how many latents are dead (saejax.ops.compact): with k_aux=12 the
+# dense blocks hold 12, 48 or 192 latents; every 40th of 256 dead is 7 (block of 12, no top-k),
+# every 7th is 37 (block of 48), every 3rd is 86 (block of 192); with k_aux=4 (blocks of 4, 16,
+# 64) every 3rd takes the sparse path over all latents; none dead skips AuxK.
+@pytest.mark.parametrize("dead_every,k_aux", [(3, 4), (3, 12), (7, 12), (40, 12), (0, 12)])
+def test_encode_select_gradients_touch_only_selected_latents(dead_every, k_aux):
     any_dead = dead_every > 0
-    B, d, n, k, k_aux = 32, 16, 256, 8, 12
+    B, d, n, k = 32, 16, 256, 8
     keys = jax.random.split(jax.random.PRNGKey(3), 5)
     x = jax.random.normal(keys[0], (B, d))
     b_pre = jax.random.normal(keys[1], (d,))
@@ -115,3 +117,20 @@ def test_geometric_median_known_answers():
     cloud = jax.random.normal(jax.random.PRNGKey(0), (2000, 8)) + 3.0
     cloud = cloud.at[0].set(1e6)
     assert float(jnp.max(jnp.abs(geometric_median(cloud) - 3.0))) < 0.1
+
+
+def test_auxk_block_capacities_and_branch_choice():
+    from saejax.ops import compact
+
+    assert compact.capacities(4, 256) == (4, 16, 64)
+    assert compact.capacities(16, 256) == (16, 64, 256)
+    assert compact.capacities(512, 1024) == (512, 1024)
+    caps = (4, 16, 64)
+    chosen = [int(compact.branch_index(jnp.array(c), caps)) for c in (0, 1, 4, 5, 16, 17, 64, 65, 256)]
+    assert chosen == [0, 1, 1, 2, 2, 3, 3, 4, 4]  # 0: skip, 1..3: dense blocks, 4: sparse path
+    mask = jnp.zeros(10, bool).at[jnp.array([2, 7])].set(True)
+    ids = compact.member_ids(mask, 4)
+    np.testing.assert_array_equal(ids, [2, 7, 10, 10])
+    pos, member = compact.block_positions(ids, jnp.array([[7, 3, 2]]), 10)
+    np.testing.assert_array_equal(pos, [[1, 0, 0]])
+    np.testing.assert_array_equal(member, [[True, False, True]])

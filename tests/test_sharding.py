@@ -32,13 +32,15 @@ def _params_and_batch(config, family, mesh, seed=0):
     return params, placed, x
 
 
-# AuxK takes a different path by how many latents are dead on the fullest device (k_aux=16):
-# every 3rd of 256 dead is 86 on one device (> 4 k_aux: sparse path) and 11 on each of 8
-# devices (dense block); every 40th is 7 (dense block of k_aux); none skips AuxK.
+# AuxK takes a different path by how many latents are dead on the fullest device
+# (saejax.ops.compact): with k_aux=4 on one device, every 3rd of 256 dead (86) exceeds the
+# largest dense block (64) and takes the sparse path; on 8 devices it is 11 per device (block
+# of 16). With k_aux=16: every 3rd fills a block, every 40th (7) fits the k_aux block (no
+# top-k), and with nothing dead AuxK is skipped.
 @pytest.mark.parametrize("mesh_shape", [(1, 1)] + MESHES)
-@pytest.mark.parametrize("multi_topk,dead_every", [(False, 3), (True, 3), (False, 40), (False, 0)])
-def test_loss_and_gradients_equal_dense_reference(mesh_shape, multi_topk, dead_every):
-    config = small_config(**{"sae.multi_topk": multi_topk})
+@pytest.mark.parametrize("multi_topk,dead_every,k_aux", [(False, 3, 4), (True, 3, 16), (False, 40, 16), (False, 0, 16)])
+def test_loss_and_gradients_equal_dense_reference(mesh_shape, multi_topk, dead_every, k_aux):
+    config = small_config(**{"sae.multi_topk": multi_topk, "sae.k_aux": k_aux})
     mesh, family, _ = _setup(config, mesh_shape)
     params, placed, x = _params_and_batch(config, family, mesh)
     dead = (jnp.arange(family.n) % max(dead_every, 1) == 0) & (dead_every > 0)
