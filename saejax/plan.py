@@ -54,7 +54,7 @@ class Plan:
     mesh_shape: dict[str, int]
     bytes_per_device: dict[str, int]
     flops_per_step: float  # analytic, whole mesh
-    compiled_flops_per_device: float  # XLA's count for one device's program
+    compiled_flops_per_device: float  # XLA's count for one device's program (all branches of conditionals)
     largest_all_gather: int  # elements in the largest all-gathered array
     batch_by_latents: int  # elements of a per-device (B, n) pre-activation block
 
@@ -126,7 +126,7 @@ def format_plan(plan: Plan, config) -> str:
         "                 " + _gb(b["temporaries"]) + " temporaries (XLA memory analysis of the compiled step)",
         "                 " + _gb(b["peak"]) + " peak",
         f"  FLOPs / step   {plan.flops_per_step:.3e} (analytic, all devices); "
-        f"{plan.compiled_flops_per_device:.3e} per device (XLA)",
+        f"{plan.compiled_flops_per_device:.3e} per device (XLA, counting every branch of AuxK's conditionals)",
         f"  collectives    largest all-gather {plan.largest_all_gather:,} elements "
         f"(a per-device batch x latents block is {plan.batch_by_latents:,})",
     ]
