@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from saejax.ops.vma import vary_like
+
 
 def capacities(k_aux: int, num_latents: int) -> tuple[int, ...]:
     """Static block sizes tried in order: k_aux, 4 k_aux, 16 k_aux, never more than the latents.
@@ -49,8 +51,6 @@ def block_positions(ids: jax.Array, indices: jax.Array, num_latents: int) -> tup
 
 def scatter_to_block(values: jax.Array, positions: jax.Array, member: jax.Array, capacity: int, like) -> jax.Array:
     """(B, capacity) dense block with values[b, j] at column positions[b, j] (non-members dropped)."""
-    from saejax.ops.vma import vary_like
-
     rows = jnp.arange(values.shape[0])[:, None]
     block = vary_like(jnp.zeros((values.shape[0], capacity), values.dtype), like, values, positions)
     return block.at[rows, positions].add(jnp.where(member, values, 0.0))
