@@ -1,10 +1,13 @@
-"""`saejax` command line: train, plan.
+"""`saejax` command line: harvest, train, plan, store.
 
-  saejax train --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] --workdir DIR
-  saejax plan  --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] [--devices N]
+  saejax harvest --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] --store DIR
+  saejax train   --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] --workdir DIR
+  saejax plan    --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] [--devices N]
+  saejax store   DIR
 
 CONFIG is a path to a Python file with get_config(), or the name of a
-built-in config (default, npy, gpt2_small, plan_16m). Exit codes: 0 done,
+built-in config: for train and plan default, minilm, npy, gpt2_small,
+plan_16m; for harvest minilm (the default) and gpt2. Exit codes: 0 done,
 2 bad input, 3 training diverged (NaN/inf), 4 over the memory budget,
 75 preempted after saving (requeue the job).
 """
@@ -19,6 +22,7 @@ from typing import Sequence
 from saejax.errors import SaeJaxError
 
 DEFAULT_CONFIG = "default"
+DEFAULT_HARVEST_CONFIG = "minilm"
 
 
 def _split_overrides(extra: Sequence[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
@@ -47,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train an SAE (resumes from the workdir's checkpoints)")
     train.add_argument("--config", default=DEFAULT_CONFIG, help=config_help)
     train.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics.jsonl, results.json, sae.safetensors")
+
+    harvest = commands.add_parser("harvest", help="store a model's activations at a hookpoint (continues an interrupted harvest)")
+    harvest.add_argument("--config", default=DEFAULT_HARVEST_CONFIG, help=config_help.replace("default:n=2048,k=16", "minilm:hookpoint=resid_post.5"))
+    harvest.add_argument("--store", required=True, help="store directory: zarr3 arrays, metadata.json, ledger.json")
+
+    store = commands.add_parser("store", help="describe an activation store (its ledger)")
+    store.add_argument("path", help="store directory")
 
     plan = commands.add_parser("plan", help="compile the train step and print its per-device memory and FLOPs")
     plan.add_argument("--config", default=DEFAULT_CONFIG, help=config_help)
@@ -107,15 +118,54 @@ def _plan(args, config) -> int:
     return 0
 
 
+def _harvest(args, config) -> int:
+    from saejax.harvest import harvest
+
+    ledger = harvest(config, args.store)
+    print(_describe_store(args.store, ledger))
+    return 0
+
+
+def _describe_store(path: str, ledger: dict) -> str:
+    model, geometry = ledger["model"], ledger["geometry"]
+    return "\n".join([
+        f"store {os.path.abspath(path)}: complete",
+        f"  {ledger['num_tokens']:,} tokens x d={ledger['d']} ({ledger['dtype']}) from {ledger['contexts']:,} contexts "
+        f"of {ledger['context_length']} tokens",
+        f"  model {model['name']} ({model['class']}), hookpoint {ledger['hookpoint']}: {ledger['hookpoint_convention']}",
+        f"  text {ledger['text']['source']}; special tokens excluded: {ledger['excluded_tokens']['special_tokens_excluded']}",
+        f"  normalisation scale {ledger['normalization']['scale']:.6g} (E||x||^2 = d after scaling)",
+        f"  chunks of {geometry['chunk_rows']} rows, shards of {geometry['shard_rows']} rows",
+        f"  train on it: saejax train --config CONFIG --config.data.source=store --config.data.path={path} "
+        f"--config.sae.d={ledger['d']} --workdir DIR",
+    ])
+
+
+def _store(args) -> int:
+    from saejax.store.layout import read_ledger
+
+    print(_describe_store(args.path, read_ledger(args.path)))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     overrides = _split_overrides(extra, parser)
     try:
+        if args.command == "store":
+            if overrides:
+                parser.error("saejax store takes no --config overrides")
+            return _store(args)
         if args.command == "plan" and args.devices:
             _simulate_cpu_devices(args.devices)
         from saejax.config import load_config
 
+        if args.command == "harvest":
+            from saejax.harvest.config import BUILTIN_DIR, harvest_config
+
+            config = load_config(args.config, overrides, schema=harvest_config, builtin_dir=BUILTIN_DIR)
+            return _harvest(args, config)
         config = load_config(args.config, overrides)
         return {"train": _train, "plan": _plan}[args.command](args, config)
     except SaeJaxError as e:

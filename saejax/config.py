@@ -53,12 +53,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.ema_decay = 0.0  # > 0 keeps an EMA of the weights (Gao et al.: 0.999), exported
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # see saejax.data.SOURCES
-    c.data.path = ""  # .npy file of shape (tokens, d) for source='npy'
+    c.data.source = "synthetic"  # synthetic | npy | store (see saejax.data.SOURCES)
+    c.data.path = ""  # npy: a .npy file (tokens, d); store: a directory written by `saejax harvest`
     c.data.batch_size = 4096  # global batch in tokens
     c.data.normalize = True  # scale inputs so that E||x||^2 = d (scale stored with results)
-    c.data.eval_fraction = 0.01  # npy: rows held out for evaluation
-    c.data.prefetch = 2  # batches prepared ahead of the step
+    c.data.eval_fraction = 0.01  # held out for evaluation (npy: rows; store: chunks)
+    c.data.prefetch = 2  # batches prepared ahead of the step (and as many more being read)
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.num_features = 512  # true dictionary size
     c.data.synthetic.avg_active = 8.0  # expected true features per token
@@ -108,7 +108,7 @@ _VARIANT_ALIASES = {
 }
 
 
-def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+def apply_variant(config: ml_collections.ConfigDict, arg: str | None, aliases: dict[str, str] | None = None) -> ml_collections.ConfigDict:
     """Apply `get_config(arg)` variants such as "n=16384,k=32" or "sae.auxk_coef=0".
 
     Short names: d, n, k, family, steps, batch, lr, seed, data, model, path;
@@ -123,7 +123,7 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_coll
         if "=" not in item:
             raise ConfigError(f"config variant {item!r} is not key=value (e.g. 'n=16384,k=32')")
         key, value = (s.strip() for s in item.split("=", 1))
-        set_value(config, _VARIANT_ALIASES.get(key, key), value)
+        set_value(config, (_VARIANT_ALIASES if aliases is None else aliases).get(key, key), value)
     return config
 
 
@@ -250,6 +250,8 @@ def validate(config, num_devices: int) -> tuple[int, int]:
 
     _require(data.source in SOURCES, f"data.source={data.source!r} is not one of {sorted(SOURCES)}")
     _require(data.source != "npy" or bool(data.path), "data.source='npy' needs data.path=/path/to/activations.npy")
+    _require(data.source != "store" or bool(data.path),
+             "data.source='store' needs data.path=/path/to/store (a directory written by `saejax harvest`)")
     _require(data.batch_size >= 1, f"data.batch_size={data.batch_size} must be >= 1")
     _require(0 <= data.eval_fraction < 1, f"data.eval_fraction={data.eval_fraction} must be in [0, 1)")
     _require(data.prefetch >= 1, f"data.prefetch={data.prefetch} must be >= 1")
@@ -297,30 +299,33 @@ def learning_rate(config) -> float:
 # ---------------------------------------------------------------------------- config files
 
 
-def builtin_configs() -> list[str]:
-    return sorted(f[:-3] for f in os.listdir(BUILTIN_CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
+def builtin_configs(directory: str = BUILTIN_CONFIG_DIR) -> list[str]:
+    return sorted(f[:-3] for f in os.listdir(directory) if f.endswith(".py") and not f.startswith("_"))
 
 
-def resolve_config_path(name_or_path: str) -> str:
+def resolve_config_path(name_or_path: str, directory: str = BUILTIN_CONFIG_DIR) -> str:
     """A config file path, or the name of a built-in config (e.g. 'default')."""
     if os.path.isfile(name_or_path):
         return name_or_path
-    builtin = os.path.join(BUILTIN_CONFIG_DIR, name_or_path + ("" if name_or_path.endswith(".py") else ".py"))
+    builtin = os.path.join(directory, name_or_path + ("" if name_or_path.endswith(".py") else ".py"))
     if os.path.isfile(builtin):
         return builtin
     raise ConfigError(
         f"config file {name_or_path!r} not found; give a path to a .py file with get_config(), "
-        f"or one of the built-in configs: {', '.join(builtin_configs())}"
+        f"or one of the built-in configs: {', '.join(builtin_configs(directory))}"
     )
 
 
-def load_config(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+def load_config(spec: str, overrides: Sequence[tuple[str, str]] = (), schema=None,
+                builtin_dir: str = BUILTIN_CONFIG_DIR) -> ml_collections.ConfigDict:
     """Load `path[:variant]` via its get_config(variant), then apply `key=value` overrides.
 
-    The result is locked: later assignment to a key that does not exist fails.
+    `schema()` gives every allowed key (default: `base_config`). The result is
+    locked: later assignment to a key that does not exist fails.
     """
+    schema = schema or base_config
     path, _, variant = spec.partition(":")
-    path = resolve_config_path(path)
+    path = resolve_config_path(path, builtin_dir)
     module_spec = importlib.util.spec_from_file_location(f"saejax_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
     try:
@@ -340,7 +345,7 @@ def load_config(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_coll
         raise ConfigError(f"get_config() in {path} failed: {type(e).__name__}: {e}") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"get_config() in {path} returned {type(config).__name__}, not a ConfigDict")
-    _check_schema(config, base_config())  # a misspelt key in the file itself
+    _check_schema(config, schema())  # a misspelt key in the file itself
     for key, value in overrides:
         set_value(config, key, value)
     config.lock()

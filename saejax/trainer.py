@@ -94,9 +94,15 @@ class _Run:
         sample = self.source.sample(int(config.sae.init_sample_rows))
         check_finite(sample, 0, "train", self.source, what="the initialisation sample (sae.init_sample_rows rows)")
         if self.meta:
-            self.scale = float(self.meta["normalization"]["scale"])
+            self.normalization = self.meta["normalization"]
+        elif not config.data.normalize:
+            self.normalization = {"scale": 1.0, "method": "none (data.normalize=false)"}
+        elif self.source.stored_scale() is not None:
+            self.normalization = {"scale": self.source.stored_scale(), "method": "whole dataset, stored with the data"}
         else:
-            self.scale = estimate_scale(sample) if config.data.normalize else 1.0
+            self.normalization = {"scale": estimate_scale(sample),
+                                  "method": f"estimated on {sample.shape[0]} sampled rows"}
+        self.scale = float(self.normalization["scale"])
         self.sample = sample * np.float32(self.scale)
 
         self.abstract_state = self.algorithm.abstract_state(self.sample.shape[0])
@@ -124,7 +130,7 @@ class _Run:
             "step": step,
             "tokens_seen": step * self.batch_size,
             "config": self.config.to_dict(),
-            "normalization": {"scale": self.scale},
+            "normalization": self.normalization,
             "data": self.source.metadata(),
             "wall_time_s": previous + time.time() - self.started,
             "saejax_version": saejax.__version__,
@@ -231,7 +237,7 @@ class _Run:
         tensors, cfg = self.family.export(params)
         steps = int(state[STEP])
         cfg.update({
-            "normalization": {"scale": self.scale,
+            "normalization": {**self.normalization,
                               "usage": "encode x * scale; divide reconstructions by scale for raw activations"},
             "weights": "ema" if self.config.optim.ema_decay else "final",
             "trained_steps": steps,
@@ -254,7 +260,7 @@ class _Run:
             "total_flops": self.plan.flops_per_step * steps,
             "final_train_metrics": final_train or {},
             "eval_metrics": eval_metrics,
-            "normalization": {"scale": self.scale},
+            "normalization": self.normalization,
             "data": self.source.metadata(),
             "plan": self.plan.as_dict(),
             "files": {"sae": weights_path, "cfg": cfg_path, "checkpoints": self.checkpointer.directory,

@@ -126,7 +126,7 @@ def test_mean_max_cosine():
 def test_make_source_from_config():
     config = small_config()
     source = make_source(config)
-    assert isinstance(source, SyntheticSource) and set(SOURCES) == {"synthetic", "npy"}
+    assert isinstance(source, SyntheticSource) and set(SOURCES) == {"synthetic", "npy", "store"}
     assert source.d == 16 and source.num_features == 64
     assert source.metadata()["synthetic"]["avg_active"] == 4.0
     assert source.metadata()["d"] == 16

@@ -4,7 +4,8 @@ Latents are split over every device (mesh.model=-1); 2^17 latents by default,
 1B tokens at 4096 tokens per step, AuxK and the weight EMA on.
 
   saejax plan --config gpt2_small:n=1048576 --devices 8
-  saejax train --config gpt2_small:path=/data/gpt2_l8_resid.npy --workdir $SCRATCH/runs/gpt2_n131k
+  saejax harvest --config gpt2 --store /data/acts/gpt2_l6
+  saejax train --config gpt2_small:path=/data/acts/gpt2_l6 --workdir $SCRATCH/runs/gpt2_n131k
 """
 
 from saejax.config import apply_variant, base_config
@@ -18,8 +19,8 @@ def get_config(arg=None):
     config.sae.multi_topk = False
     config.optim.ema_decay = 0.999
     config.optim.warmup_steps = 1000
-    config.data.source = "npy"
-    config.data.path = "gpt2_small_resid.npy"  # activations you harvested; replace with yours
+    config.data.source = "store"
+    config.data.path = "gpt2_l6_store"  # a store from `saejax harvest --config gpt2`; replace with yours
     config.data.batch_size = 4096
     config.train.steps = 1_000_000_000 // 4096
     config.train.log_every = 100

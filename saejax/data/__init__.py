@@ -3,10 +3,12 @@
 from saejax.data.npy import NpySource
 from saejax.data.source import DataSource, check_finite
 from saejax.data.synthetic import SyntheticSource
+from saejax.data.store import StoreSource
 
 SOURCES: dict[str, type[DataSource]] = {
     "synthetic": SyntheticSource,
     "npy": NpySource,
+    "store": StoreSource,
 }
 
 
@@ -14,4 +16,4 @@ def make_source(config) -> DataSource:
     return SOURCES[config.data.source].from_config(config)
 
 
-__all__ = ["DataSource", "NpySource", "SOURCES", "SyntheticSource", "check_finite", "make_source"]
+__all__ = ["DataSource", "NpySource", "SOURCES", "StoreSource", "SyntheticSource", "check_finite", "make_source"]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 
 import jax
 import numpy as np
 
-from saejax.data.source import DataSource, check_finite
+from saejax.data.source import DataSource, PendingRows, check_finite
 from saejax.errors import DataError
 
 
@@ -20,11 +21,21 @@ def estimate_scale(sample: np.ndarray) -> float:
     return float(np.sqrt(sample.shape[1] / mean_sq_norm))
 
 
-def host_batch(source: DataSource, step: int, batch_size: int, scale: float, split: str = "train") -> np.ndarray:
-    """This process's rows of batch `step`, checked for NaN/inf and normalised."""
-    local = source.read(step, batch_size, split, jax.process_index(), jax.process_count())
+def start_host_batch(source: DataSource, step: int, batch_size: int, split: str = "train") -> PendingRows:
+    """Put the reads for this process's rows of batch `step` in flight."""
+    return source.read_async(step, batch_size, split, jax.process_index(), jax.process_count())
+
+
+def finish_host_batch(pending: PendingRows, source: DataSource, step: int, scale: float, split: str = "train") -> np.ndarray:
+    """Wait for the rows, check them for NaN/inf and normalise them."""
+    local = pending.result()
     check_finite(local, step, split, source)
     return local * np.float32(scale) if scale != 1.0 else local
+
+
+def host_batch(source: DataSource, step: int, batch_size: int, scale: float, split: str = "train") -> np.ndarray:
+    """This process's rows of batch `step`, checked for NaN/inf and normalised."""
+    return finish_host_batch(start_host_batch(source, step, batch_size, split), source, step, scale, split)
 
 
 def device_batch(local: np.ndarray, batch_size: int, sharding) -> jax.Array:
@@ -35,7 +46,8 @@ class BatchFeeder:
     """Reads and places batches for consecutive steps on a background thread.
 
     The batch for step s depends only on s, so the feeder can start anywhere
-    (resume) and run ahead of the train step by `prefetch` batches.
+    (resume) and run ahead of the train step: `prefetch` batches wait on the
+    device, and the reads of the next `prefetch` batches are in flight.
     """
 
     def __init__(self, source: DataSource, batch_size: int, sharding, scale: float,
@@ -58,9 +70,14 @@ class BatchFeeder:
 
     def _work(self, source, batch_size, sharding, scale, start_step, stop_step, split):
         try:
+            in_flight: collections.deque = collections.deque()
+            next_read = start_step
             for step in range(start_step, stop_step):
-                batch = device_batch(host_batch(source, step, batch_size, scale, split), batch_size, sharding)
-                if not self._put((step, batch)):
+                while next_read < stop_step and len(in_flight) <= self._queue.maxsize:
+                    in_flight.append(start_host_batch(source, next_read, batch_size, split))
+                    next_read += 1
+                local = finish_host_batch(in_flight.popleft(), source, step, scale, split)
+                if not self._put((step, device_batch(local, batch_size, sharding))):
                     return
         except BaseException as e:  # handed to the consumer, raised there
             self._put((None, e))

@@ -3,7 +3,7 @@
 Batch `step` of a split is a pure function of (seed, split, step): resuming at
 step s needs no iterator state, and every process can compute which rows it
 feeds. The synthetic generator, the .npy reader and the tensorstore
-activation store all implement this.
+activation store (`saejax.data.store`) all implement this.
 """
 
 from __future__ import annotations
@@ -39,15 +39,47 @@ class DataSource(abc.ABC):
         """Facts recorded with checkpoints and results."""
         return {"source": self.describe(), "d": self.d}
 
-    def read(self, step: int, batch_size: int, split: str = "train", process_index: int = 0, process_count: int = 1) -> np.ndarray:
-        """This process's contiguous share of global batch `step` (its rows of the data axis)."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    def stored_scale(self) -> float | None:
+        """A normalisation scale computed over the whole dataset, if the source has one."""
+        return None
+
+    @staticmethod
+    def process_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
+        """The contiguous rows [start, stop) of a global batch that process `process_index` feeds."""
         if batch_size % process_count:
             raise DataError(f"batch size {batch_size} is not divisible by the {process_count} processes")
         per_process = batch_size // process_count
-        start = process_index * per_process
-        return self.rows(step, batch_size, split, start, start + per_process)
+        return process_index * per_process, (process_index + 1) * per_process
+
+    def read(self, step: int, batch_size: int, split: str = "train", process_index: int = 0, process_count: int = 1) -> np.ndarray:
+        """This process's contiguous share of global batch `step` (its rows of the data axis)."""
+        return self.read_async(step, batch_size, split, process_index, process_count).result()
+
+    def read_async(self, step: int, batch_size: int, split: str = "train", process_index: int = 0,
+                   process_count: int = 1) -> "PendingRows":
+        """Start reading this process's share of batch `step`; `.result()` returns it.
+
+        Sources with asynchronous I/O override this to put reads in flight at once.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        start, stop = self.process_rows(batch_size, process_index, process_count)
+        return _ReadyRows(self.rows(step, batch_size, split, start, stop))
+
+
+class PendingRows(abc.ABC):
+    """Rows being read; `result()` waits for them."""
+
+    @abc.abstractmethod
+    def result(self) -> np.ndarray: ...
+
+
+class _ReadyRows(PendingRows):
+    def __init__(self, rows: np.ndarray):
+        self._rows = rows
+
+    def result(self) -> np.ndarray:
+        return self._rows
 
 
 def check_finite(batch: np.ndarray, step: int, split: str, source: DataSource, what: str = "") -> None:

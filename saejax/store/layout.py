@@ -1,0 +1,163 @@
+"""On-disk layout of an activation store, shared by the writer and the reader.
+
+  STORE/
+    metadata.json   what is being harvested (model, hookpoint, geometry); written first
+    activations/    zarr3 array (tokens, d), float32 or bfloat16
+    tokens/         zarr3 int32 array (tokens, 3): token id, context index, position
+    progress.json   while harvesting: the batch to continue from (+ carry-<batch>.npz)
+    ledger.json     written last: token count, normalisation, hashes. Without it
+                    the store is incomplete and is not read.
+
+Both arrays use the zarr3 sharding codec: inner chunks of about `chunk_mb`
+(the unit the reader shuffles and reads), shards of about `shard_mb` (one
+file, written whole by one writer), with crc32c checksums on every chunk and
+on each shard index, so flipped bytes are an error, never garbage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+
+from saejax.errors import DataError
+
+FORMAT = "saejax-activations/1"
+METADATA_FILE = "metadata.json"
+LEDGER_FILE = "ledger.json"
+PROGRESS_FILE = "progress.json"
+ACTIVATIONS = "activations"
+TOKENS = "tokens"
+TOKEN_COLUMNS = ("token_id", "context_index", "position")
+STORE_DTYPES = ("float32", "bfloat16")
+# Rows of an unfinished store: zarr only stores written chunks, and the
+# shape is cut to the real token count when the harvest finishes.
+UNBOUNDED_ROWS = 2**40
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Rows per chunk and per shard; every shard holds a whole number of chunks."""
+
+    d: int
+    dtype: str
+    chunk_rows: int
+    shard_rows: int
+
+    @classmethod
+    def for_sizes(cls, d: int, dtype: str, chunk_mb: float, shard_mb: float) -> "Geometry":
+        row_bytes = d * np.dtype(_numpy_dtype(dtype)).itemsize
+        chunk_rows = _power_of_two_near(chunk_mb * 2**20 / row_bytes)
+        shard_chunks = max(1, round(shard_mb / max(chunk_rows * row_bytes / 2**20, 1e-9)))
+        return cls(d=d, dtype=dtype, chunk_rows=chunk_rows, shard_rows=chunk_rows * shard_chunks)
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_rows * self.d * np.dtype(_numpy_dtype(self.dtype)).itemsize
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _power_of_two_near(x: float) -> int:
+    return int(2 ** max(0, round(np.log2(max(x, 1.0)))))
+
+
+def _numpy_dtype(dtype: str):
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
+
+
+def numpy_dtype(dtype: str):
+    if dtype not in STORE_DTYPES:
+        raise DataError(f"store dtype {dtype!r} is not one of {STORE_DTYPES}")
+    return _numpy_dtype(dtype)
+
+
+def _array_spec(path: str, rows: int, columns: int, dtype: str, geometry: Geometry) -> dict[str, Any]:
+    checksummed = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+    return {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": path},
+        "metadata": {
+            "shape": [rows, columns],
+            "data_type": dtype,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [geometry.shard_rows, columns]}},
+            "codecs": [{"name": "sharding_indexed", "configuration": {
+                "chunk_shape": [geometry.chunk_rows, columns],
+                "codecs": checksummed,
+                "index_codecs": checksummed,
+            }}],
+        },
+    }
+
+
+def create_arrays(store: str, geometry: Geometry, rows: int = UNBOUNDED_ROWS):
+    """Open (creating if absent) the activation and token arrays for writing."""
+    arrays = []
+    for name, columns, dtype in ((ACTIVATIONS, geometry.d, geometry.dtype), (TOKENS, len(TOKEN_COLUMNS), "int32")):
+        path = os.path.join(store, name)
+        if os.path.exists(os.path.join(path, "zarr.json")):
+            # A harvest killed inside finish() may have cut the shape already; undo that.
+            existing = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}, open=True).result()
+            if existing.shape[0] != rows:
+                existing.resize(exclusive_max=[rows, existing.shape[1]], resize_metadata_only=True).result()
+        spec = _array_spec(path, rows, columns, dtype, geometry)
+        try:
+            arrays.append(ts.open(spec, open=True, create=True).result())
+        except ValueError as e:
+            raise DataError(f"{path} does not match this harvest's layout ({e}); harvest into a new --store path") from None
+    return arrays
+
+
+def open_arrays(store: str):
+    """The two arrays of a finished store, read-only."""
+    arrays = []
+    for name in (ACTIVATIONS, TOKENS):
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(store, name)}}
+        try:
+            arrays.append(ts.open(spec, open=True, read=True).result())
+        except ValueError as e:
+            raise DataError(f"cannot open {os.path.join(store, name)} ({e}); the store is damaged: harvest it again") from None
+    return arrays
+
+
+def shard_file(store: str, row: int, geometry_shard_rows: int, array: str = ACTIVATIONS) -> str:
+    """The file holding `row` (zarr3 default chunk keys: c/<shard>/0)."""
+    return os.path.join(store, array, "c", str(row // geometry_shard_rows), "0")
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not readable JSON ({e}); the store is damaged: harvest it again into a new path") from None
+
+
+def read_ledger(store: str) -> dict[str, Any]:
+    """The ledger of a finished store; a clear error for anything else."""
+    store = os.path.abspath(os.path.expanduser(store))
+    if not os.path.isdir(store):
+        raise DataError(f"activation store {store} does not exist; create it with `saejax harvest --store {store}`")
+    ledger = read_json(os.path.join(store, LEDGER_FILE))
+    if ledger is None:
+        if os.path.exists(os.path.join(store, METADATA_FILE)):
+            raise DataError(
+                f"activation store {store} is incomplete: it has no {LEDGER_FILE} (the harvest was interrupted "
+                "or is still running). Run the same `saejax harvest` command again to finish it."
+            )
+        raise DataError(f"{store} is not an activation store (no {LEDGER_FILE} or {METADATA_FILE}); "
+                        "point data.path at a directory written by `saejax harvest`")
+    if ledger.get("format") != FORMAT:
+        raise DataError(f"{store}/{LEDGER_FILE} has format {ledger.get('format')!r}; this saejax reads {FORMAT!r}")
+    return ledger
