@@ -129,7 +129,7 @@ def _harvest(args, config) -> int:
 def _describe_store(path: str, ledger: dict) -> str:
     model, geometry = ledger["model"], ledger["geometry"]
     return "\n".join([
-        f"store {os.path.abspath(path)}: complete",
+        f"store {path}: complete",
         f"  {ledger['num_tokens']:,} tokens x d={ledger['d']} ({ledger['dtype']}) from {ledger['contexts']:,} contexts "
         f"of {ledger['context_length']} tokens",
         f"  model {model['name']} ({model['class']}), hookpoint {ledger['hookpoint']}: {ledger['hookpoint_convention']}",

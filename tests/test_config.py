@@ -171,7 +171,7 @@ def test_wrong_type(key, value, message):
 
 def test_missing_config_file_lists_builtins(tmp_path):
     missing = str(tmp_path / "nope.py")
-    with pytest.raises(ConfigError, match=r"config file '.*nope\.py' not found; .*built-in configs: default, gpt2_small, npy, plan_16m"):
+    with pytest.raises(ConfigError, match=r"config file '.*nope\.py' not found; .*built-in configs: default, gpt2_small, minilm, npy, plan_16m"):
         load_config(missing)
     with pytest.raises(ConfigError, match=r"config file 'defualt' not found"):
         load_config("defualt:n=8")
@@ -224,7 +224,7 @@ def test_valid_config_returns_the_mesh_shape():
         ({"optim.lr": float("nan")}, 1, r"optim\.lr=nan must be a positive number"),
         ({"sae.family": "relu_l1_typo"}, 1, r"sae\.family='relu_l1_typo' is not one of \["),
         ({"data.source": "npy"}, 1, r"data\.source='npy' needs data\.path=/path/to/activations\.npy"),
-        ({"data.source": "parquet"}, 1, r"data\.source='parquet' is not one of \['npy', 'synthetic'\]"),
+        ({"data.source": "parquet"}, 1, r"data\.source='parquet' is not one of \['npy', 'store', 'synthetic'\]"),
         ({"train.compute_dtype": "float16"}, 1, r"train\.compute_dtype='float16' is not one of \('float32', 'bfloat16'\)"),
         ({"train.topk_impl": "fast"}, 1, r"train\.topk_impl='fast' is not one of"),
         ({"data.eval_fraction": 1.0}, 1, r"data\.eval_fraction=1\.0 must be in \[0, 1\)"),

@@ -49,7 +49,7 @@ def _rows(sizes, d=D, seed=0):
     acts = (rng.standard_normal((n, d)) * rng.uniform(0.5, 2.0, (n, 1))).astype(np.float32)
     tokens = np.concatenate([
         np.stack([np.arange(start, start + size), np.full(size, b), np.arange(size)], axis=1)
-        for b, (start, size) in enumerate(zip(np.cumsum((0,) + tuple(sizes[:-1])), sizes))
+        for b, (start, size) in enumerate(zip(np.cumsum((0,) + tuple(sizes[:-1])), sizes, strict=True))
     ]).astype(np.int32)
     return acts, tokens
 
@@ -266,7 +266,7 @@ def test_batches_are_a_pure_function_of_seed_and_step(store):
     steps, batch = range(30), 24  # 30 * 24 = 720 positions: past the second epoch boundary
     seq_a = [a.read(s, batch) for s in steps]
     seq_b = [b.read(s, batch) for s in steps]
-    for x, y in zip(seq_a, seq_b):
+    for x, y in zip(seq_a, seq_b, strict=True):
         np.testing.assert_array_equal(x, y)
     other = StoreSource(store.path, D, seed=4, eval_fraction=0.1)
     assert not np.array_equal(np.concatenate(seq_a), np.concatenate([other.read(s, batch) for s in steps]))

@@ -122,7 +122,7 @@ class StoreSource(DataSource):
 
     def _start_reads(self, epochs, chunk_ids) -> dict:
         reads = {}
-        for epoch, chunk in set(zip(epochs.tolist(), chunk_ids.tolist())):
+        for epoch, chunk in set(zip(epochs.tolist(), chunk_ids.tolist(), strict=True)):
             first = chunk * self.chunk_rows
             reads[(epoch, chunk)] = self.activations[first:first + int(self.chunk_sizes[chunk])].read()
         return reads

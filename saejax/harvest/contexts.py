@@ -103,7 +103,7 @@ class ContextPacker:
         tokens = self.tokenizer.convert_ids_to_tokens(self.template.special_ids)
         return {
             "special_tokens_excluded": self.exclude_special_tokens,
-            "special_tokens": dict(zip(tokens, self.template.special_ids)),
+            "special_tokens": dict(zip(tokens, self.template.special_ids, strict=True)),
             "template_prefix": self.template.prefix,
             "template_suffix": self.template.suffix,
         }
