@@ -278,3 +278,24 @@ def test_harvest_command_rejects_an_unknown_key(tmp_path, capsys):
     assert main(["harvest", "--store", str(tmp_path / "s"), "--config.hookpont=resid_post.1"]) == 2
     assert "unknown config key 'hookpont'. Did you mean 'hookpoint'?" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_hf_dataset_source_streams_the_text_field(monkeypatch):
+    """The `datasets` path, with a stand-in module (no Hub here): arguments, order, field checks."""
+    import types
+
+    calls = []
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter([{"text": "first document"}, {"text": "  "}, {"text": "second document"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    source = TextSource("hf:org/corpus", dataset_config="en", dataset_split="validation")
+    assert list(source.documents()) == ["first document", "second document"]
+    assert calls == [("org/corpus", "en", "validation", True)]
+    with pytest.raises(DataError, match=r"dataset 'org/corpus' has no field 'body' \(fields: \['text'\]\); set --config.text.field"):
+        list(TextSource("hf:org/corpus", field="body").documents())
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(ConfigError, match="needs the `datasets` package: pip install datasets"):
+        TextSource("hf:org/corpus")
