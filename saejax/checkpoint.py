@@ -77,6 +77,12 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.wait_until_finished()
+        # Orbax removes leftovers of interrupted saves on a background future that
+        # close() does not await; without this a short run can exit before they
+        # are gone. (Private in orbax 0.12; skipped if a later version drops it.)
+        await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
         self.manager.close()
 
 
