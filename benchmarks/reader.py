@@ -27,16 +27,14 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from saejax.algorithms import get_algorithm  # noqa: E402
-from saejax.config import base_config  # noqa: E402
 from saejax.data.pipeline import BatchFeeder  # noqa: E402
 from saejax.data.store import StoreSource  # noqa: E402
-from saejax.models import get_family  # noqa: E402
-from saejax.plan import batch_sharding, compile_train_step  # noqa: E402
-from saejax.sharding import make_mesh  # noqa: E402
+from saejax.plan import batch_sharding  # noqa: E402
 from saejax.store.layout import Geometry  # noqa: E402
 from saejax.store.writer import StoreWriter  # noqa: E402
+from step import build  # noqa: E402  (benchmarks/step.py: the same train step)
 
 
 def write_store(path: str, d: int, tokens: int, dtype: str) -> float:
@@ -78,15 +76,7 @@ def time_reader(source: StoreSource, batch: int, steps: int, first_step: int, sh
 
 
 def make_train_step(d: int, n: int, k: int, batch: int):
-    config = base_config()
-    config.sae.d, config.sae.n, config.sae.k = d, n, k
-    config.data.batch_size = batch
-    mesh = make_mesh(1, 1)
-    algorithm = get_algorithm(get_family(config), config, mesh)
-    x = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (batch, d)), batch_sharding(mesh))
-    abstract = algorithm.abstract_state(batch)
-    state = jax.jit(algorithm.init_state, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))(jax.random.PRNGKey(0), x)
-    step = compile_train_step(algorithm, abstract, batch, mesh)
+    step, state, x, mesh, _ = build(d, n, k, batch)
     holder = {"state": state}
 
     def run() -> float:

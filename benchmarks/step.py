@@ -39,8 +39,8 @@ def _timed(fn):
     return time.perf_counter() - start
 
 
-def measure(d: int, n: int, k: int, batch: int, reps: int, dead_fraction: float) -> tuple[float, float, float]:
-    """(median step seconds, median matmul seconds, dead fraction seen) on one device."""
+def build(d: int, n: int, k: int, batch: int, dead_fraction: float = 0.0):
+    """(compiled step, fresh state, a random batch, mesh, config) for one device."""
     config = base_config()
     config.sae.d, config.sae.n, config.sae.k = d, n, k
     config.data.batch_size = batch
@@ -57,7 +57,12 @@ def measure(d: int, n: int, k: int, batch: int, reps: int, dead_fraction: float)
         state["tokens_since_fired"] = jnp.where(dead, config.sae.dead_tokens, 0).astype(jnp.int32)
         # Dead latents stay dead: they lose every top-k (as dead latents do).
         state["params"]["b_enc"] = jnp.where(dead, -10.0, 0.0)
-    step = compile_train_step(algorithm, abstract, batch, mesh)
+    return compile_train_step(algorithm, abstract, batch, mesh), state, x, mesh, config
+
+
+def measure(d: int, n: int, k: int, batch: int, reps: int, dead_fraction: float) -> tuple[float, float, float]:
+    """(median step seconds, median matmul seconds, dead fraction seen) on one device."""
+    step, state, x, _, _ = build(d, n, k, batch, dead_fraction)
     w_enc, b_enc = jnp.array(state["params"]["W_enc"]), jnp.array(state["params"]["b_enc"])
     encoder = jax.jit(lambda x, w, b: x @ w + b)
 

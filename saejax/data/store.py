@@ -127,14 +127,21 @@ class StoreSource(DataSource):
             reads[(epoch, chunk)] = self.activations[first:first + int(self.chunk_sizes[chunk])].read()
         return reads
 
+    def _chunk(self, chunk: int, future) -> np.ndarray:
+        """A chunk read's result; a checksum mismatch (tensorstore's DATA_LOSS) names the shard."""
+        try:
+            return future.result()
+        except ValueError as e:
+            raise DataError(self._corrupt_message(chunk, e)) from None
+
     def _assemble(self, reads: dict, epochs, chunk_ids, within) -> np.ndarray:
         out = np.empty((len(within), self.d), np.float32)
-        for (epoch, chunk), future in reads.items():
-            try:
-                data = future.result()
-            except ValueError as e:  # tensorstore reports checksum mismatches as DATA_LOSS
-                raise DataError(self._corrupt_message(chunk, e)) from None
-            chosen = np.flatnonzero((epochs == epoch) & (chunk_ids == chunk))
+        keys, group = np.unique(np.stack([epochs, chunk_ids], axis=1), axis=0, return_inverse=True)
+        order = np.argsort(group.ravel(), kind="stable")
+        bounds = np.searchsorted(group.ravel()[order], np.arange(len(keys) + 1))
+        for g, (epoch, chunk) in enumerate(keys.tolist()):
+            chosen = order[bounds[g]:bounds[g + 1]]
+            data = self._chunk(chunk, reads[(epoch, chunk)])
             out[chosen] = data[self._row_order(epoch, chunk)[within[chosen]]]
         return out
 
@@ -151,12 +158,7 @@ class StoreSource(DataSource):
         chosen = order[: int(np.searchsorted(sizes, min(num_rows, self.train_tokens))) + 1]
         epochs = np.full(len(chosen), -1)
         reads = self._start_reads(epochs, chosen)
-        parts = []
-        for chunk in chosen:
-            try:
-                parts.append(reads[(-1, int(chunk))].result())
-            except ValueError as e:
-                raise DataError(self._corrupt_message(int(chunk), e)) from None
+        parts = [self._chunk(int(chunk), reads[(-1, int(chunk))]) for chunk in chosen]
         return np.concatenate(parts).astype(np.float32)[:num_rows]
 
     def stored_scale(self) -> float:

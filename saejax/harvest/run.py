@@ -23,8 +23,8 @@ from saejax.harvest import hookpoints, model as model_io
 from saejax.harvest.config import identity, validate_harvest
 from saejax.harvest.contexts import Context, ContextPacker, tokenizer_hash
 from saejax.harvest.text import TextSource
-from saejax.store.layout import LEDGER_FILE, Geometry, read_json
-from saejax.store.writer import StoreWriter, _canonical
+from saejax.store.layout import LEDGER_FILE, Geometry, canonical_json, read_json
+from saejax.store.writer import StoreWriter
 
 
 def _batches(contexts: Iterator[Context], size: int) -> Iterator[list[Context]]:
@@ -61,7 +61,7 @@ def _finished(store: str, wanted: dict[str, Any]) -> dict[str, Any] | None:
     ledger = read_json(os.path.join(store, LEDGER_FILE))
     if ledger is None:
         return None
-    if _canonical(ledger.get("identity")) != _canonical(wanted):
+    if canonical_json(ledger.get("identity")) != canonical_json(wanted):
         raise DataError(f"{store} already holds a finished store harvested with other arguments; "
                         "harvest into a new --store path (finished stores are never overwritten)")
     return ledger

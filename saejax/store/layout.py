@@ -134,6 +134,11 @@ def shard_file(store: str, row: int, geometry_shard_rows: int, array: str = ACTI
     return os.path.join(store, array, "c", str(row // geometry_shard_rows), "0")
 
 
+def canonical_json(value: Any) -> str:
+    """For comparing metadata: key order does not matter."""
+    return json.dumps(value, sort_keys=True)
+
+
 def read_json(path: str) -> dict[str, Any] | None:
     if not os.path.exists(path):
         return None

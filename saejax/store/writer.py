@@ -11,7 +11,6 @@ byte-identical shards: no token is duplicated or lost.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -25,14 +24,11 @@ from saejax.store.layout import (
     METADATA_FILE,
     PROGRESS_FILE,
     Geometry,
+    canonical_json,
     create_arrays,
     numpy_dtype,
     read_json,
 )
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
 
 
 class StoreWriter:
@@ -51,7 +47,7 @@ class StoreWriter:
             if os.listdir(self.store):
                 raise DataError(f"{self.store} is not empty and is not an activation store; harvest into a new or empty directory")
             write_json_atomic(os.path.join(self.store, METADATA_FILE), metadata)
-        elif _canonical(existing) != _canonical(metadata):
+        elif canonical_json(existing) != canonical_json(metadata):
             raise DataError(
                 f"{self.store} holds a harvest started with different arguments "
                 f"({_differences(existing, metadata)}). Continue it with the original arguments, "
@@ -184,7 +180,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> str:
             inner = _differences(a, b, f"{prefix}{key}.")
             if inner:
                 diffs.append(inner)
-        elif _canonical(a) != _canonical(b):
+        elif canonical_json(a) != canonical_json(b):
             diffs.append(f"{prefix}{key}: store has {a!r}, now {b!r}")
     return "; ".join(diffs)
 
