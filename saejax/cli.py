@@ -4,6 +4,8 @@
   saejax train   --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] --workdir DIR
   saejax plan    --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] [--devices N]
   saejax store   DIR
+  saejax sweep   STUDY.py --workdir DIR [--parallel N] [--one-pass] [--point I] [--list]
+  saejax fit     SWEEP_DIR
 
 CONFIG is a path to a Python file with get_config(), or the name of a
 built-in config: for train and plan default, minilm, npy, gpt2_small,
@@ -64,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--devices", type=int, default=0,
                       help="plan for N simulated CPU devices (a topology you don't have); default: the real devices")
     plan.add_argument("--json", default="", help="also write the plan to this file as JSON")
+    from saejax.scaling.command import add_arguments as add_fit_arguments
+    from saejax.sweep.command import add_arguments as add_sweep_arguments
+
+    add_sweep_arguments(commands.add_parser("sweep", help="run every point of a study's n x k grid (idempotent)"))
+    add_fit_arguments(commands.add_parser("fit", help="fit scaling laws to a sweep's results; print a table, write plots"))
     return parser
 
 
@@ -153,10 +160,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     overrides = _split_overrides(extra, parser)
     try:
-        if args.command == "store":
+        if args.command in ("store", "fit"):
             if overrides:
-                parser.error("saejax store takes no --config overrides")
+                parser.error(f"saejax {args.command} takes no --config overrides")
+            if args.command == "fit":
+                from saejax.scaling.command import main as fit_main
+
+                return fit_main(args)
             return _store(args)
+        if args.command == "train":
+            # Multi-host jobs (SLURM, TPU VM, explicit coordinator): join before JAX picks a backend.
+            # (`sweep --point` does the same in saejax.sweep.command.)
+            from saejax.distributed import initialize_from_env
+
+            initialize_from_env()
+        if args.command == "sweep":
+            from saejax.sweep.command import main as sweep_main
+
+            return sweep_main(args, overrides)
         if args.command == "plan" and args.devices:
             _simulate_cpu_devices(args.devices)
         from saejax.config import load_config
