@@ -299,6 +299,27 @@ def learning_rate(config) -> float:
 # ---------------------------------------------------------------------------- config files
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"sae": {"n": 1}} -> {"sae.n": 1}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_from_dict(values: dict, schema=None) -> ml_collections.ConfigDict:
+    """A locked config from `config.to_dict()` output (e.g. a sweep run's config.json)."""
+    config = (schema or base_config)()
+    for key, value in flatten(values).items():
+        set_value(config, key, value)
+    _check_schema(config, (schema or base_config)())
+    config.lock()
+    return config
+
+
 def builtin_configs(directory: str = BUILTIN_CONFIG_DIR) -> list[str]:
     return sorted(f[:-3] for f in os.listdir(directory) if f.endswith(".py") and not f.startswith("_"))
 

@@ -3,9 +3,11 @@
 The safetensors file is written here rather than with `safetensors.numpy.save_file`
 because that needs every tensor whole in host memory: a 16M-latent dictionary
 is sharded over many devices (and hosts). The header is computed from the
-global shapes, the file is sized, and each device's shard is written straight
-into its slice through a memory map. Readers use the standard `safetensors`
-package (`load_sae` below).
+global shapes, process 0 sizes the file, every process writes the shards its
+devices hold straight into their slices (positioned writes of exactly their
+bytes, so hosts sharing a network filesystem never overwrite each other), and
+process 0 renames the finished file into place. Readers use the standard
+`safetensors` package (`load_sae` below).
 """
 
 from __future__ import annotations
@@ -49,18 +51,57 @@ def _header(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> tuple[by
     return struct.pack("<Q", len(encoded)) + encoded, offsets
 
 
-def _write_tensor(path: str, offset: int, array) -> None:
-    if array.size == 0:
+def _write_block(fd: int, offset: int, shape: tuple[int, ...], index: tuple[slice, ...], block: np.ndarray) -> None:
+    """Write `block`, the part `index` of a C-order array of `shape` stored at `offset`, with pwrite.
+
+    Only the block's own bytes are written, one contiguous run at a time, never
+    whole pages through a memory map: hosts writing column blocks of the same
+    rows to a network filesystem (NFS, Lustre) would otherwise overwrite each
+    other's bytes with stale page contents.
+    """
+    block = np.ascontiguousarray(block)
+    if block.size == 0:
         return
-    target = np.memmap(path, dtype=array.dtype, mode="r+", offset=offset, shape=array.shape)
+    starts = [s.start or 0 for s in index]
+    # Trailing dimensions the block covers fully form contiguous runs together with one more dimension.
+    split = len(shape)
+    while split > 0 and block.shape[split - 1] == shape[split - 1]:
+        split -= 1
+    split = max(split - 1, 0)
+    strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) * block.itemsize for i in range(len(shape))]
+    runs = block.reshape(*block.shape[:split], -1) if split else block.reshape(1, -1)
+    for lead in np.ndindex(*block.shape[:split]):
+        position = offset + sum((starts[i] + lead[i]) * strides[i] for i in range(split)) + \
+            sum(starts[i] * strides[i] for i in range(split, len(shape)))
+        data = memoryview((runs[lead] if split else runs[0]).view(np.uint8))
+        while data:
+            written = os.pwrite(fd, data, position)
+            data, position = data[written:], position + written
+
+
+def _write_tensor(fd: int, offset: int, array) -> None:
+    """Write this process's part of `array` (all of it if not a jax.Array) into the file at `offset`."""
+    shape = tuple(array.shape)
     if isinstance(array, jax.Array):
         for shard in array.addressable_shards:
-            if shard.replica_id == 0:  # one writer per distinct shard
-                target[shard.index] = np.asarray(shard.data)
-    else:
-        target[...] = array
-    target.flush()
-    del target
+            if shard.replica_id == 0:  # one writer per distinct shard, whichever process holds it
+                index = tuple(shard.index) + (slice(None),) * (len(shape) - len(shard.index))
+                _write_block(fd, offset, shape, index, np.asarray(shard.data))
+    elif jax.process_index() == 0:
+        _write_block(fd, offset, shape, (slice(None),) * len(shape), np.asarray(array))
+
+
+def to_host(array) -> np.ndarray:
+    """The whole of a (possibly multi-host) array as numpy, on every process.
+
+    `jax.device_get` refuses arrays with shards on other processes; those are
+    all-gathered (a collective: every process must call this).
+    """
+    if isinstance(array, jax.Array) and not array.is_fully_addressable and not array.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(jax.device_get(array))
 
 
 def _sync(name: str) -> None:
@@ -84,12 +125,15 @@ def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: Mapping[s
             f.write(header)
             f.truncate(total)
     _sync("saejax_export_created")
-    for name, array in tensors.items():
-        _write_tensor(tmp, len(header) + offsets[name], array)
+    fd = os.open(tmp, os.O_WRONLY)
+    try:
+        for name, array in tensors.items():
+            _write_tensor(fd, len(header) + offsets[name], array)
+        os.fsync(fd)  # every writer flushes its own bytes before process 0 publishes the file
+    finally:
+        os.close(fd)
     _sync("saejax_export_written")
     if jax.process_index() == 0:
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
         os.replace(tmp, path)
 
 

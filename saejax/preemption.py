@@ -26,6 +26,7 @@ class PreemptionGuard:
     def __init__(self):
         self._requested = threading.Event()
         self.signal_name = ""
+        self._signum = 0
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame):
@@ -33,6 +34,7 @@ class PreemptionGuard:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
+        self._signum = int(signum)
         self._requested.set()
 
     def __enter__(self) -> "PreemptionGuard":
@@ -46,10 +48,22 @@ class PreemptionGuard:
             signal.signal(sig, handler)
 
     def requested(self) -> bool:
-        """True on every process if any process was signalled (agreed across hosts)."""
+        """True on every process if any process was signalled (agreed across hosts).
+
+        In a multi-process job every process must call this at the same steps: it
+        is a collective. A process that was not signalled itself names the
+        signal and the process that got it (`SIGTERM on process 3`).
+        """
         local = self._requested.is_set()
         if jax.process_count() == 1:
             return local
         from jax.experimental import multihost_utils
 
-        return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
+        mine = self._signum if local else 0
+        received = np.asarray(multihost_utils.process_allgather(np.array([mine], np.int32))).reshape(-1)
+        if not received.any():
+            return False
+        if not local:
+            first = int(np.flatnonzero(received)[0])
+            self.signal_name = f"{signal.Signals(int(received[first])).name} on process {first}"
+        return True

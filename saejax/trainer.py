@@ -24,8 +24,8 @@ from saejax.config import validate
 from saejax.data import check_finite, make_source
 from saejax.data.pipeline import BatchFeeder, device_batch, estimate_scale, host_batch
 from saejax.data.synthetic import SyntheticSource
-from saejax.errors import ConfigError, DataError, TrainingDivergedError
-from saejax.export import export_sae
+from saejax.errors import ConfigError, DataError, SaeJaxError, TrainingDivergedError
+from saejax.export import export_sae, to_host
 from saejax.models import get_family
 from saejax.plan import batch_sharding, check_budget, compile_train_step, format_plan, make_plan
 from saejax.preemption import Preempted, PreemptionGuard
@@ -36,6 +36,8 @@ from saejax.sharding import make_mesh
 IDENTITY_KEYS = ("seed", "sae", "optim", "train.algorithm", "data.source", "data.path",
                  "data.batch_size", "data.normalize", "data.eval_fraction", "data.synthetic")
 DIVERGENCE_METRICS = ("loss", "nmse", "grad_norm")
+# Config keys that runs trained in one pass (train_group) must share: they read one batch stream on one mesh.
+GROUP_SHARED_KEYS = ("seed", "data", "mesh")
 
 
 def log(message: str) -> None:
@@ -66,24 +68,29 @@ def _all_finite(tree) -> jax.Array:
 
 
 class _Run:
-    """State of one invocation of the training loop."""
+    """One SAE being trained: its config, workdir, state, checkpoints and metrics.
+
+    The batch stream is not part of it: `train_group` feeds the same batches to
+    every run of a group (one run for `saejax train`).
+    """
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
+        self.name = os.path.basename(os.path.normpath(workdir))
         self.batch_size = int(config.data.batch_size)
+        self.steps = int(config.train.steps)
         self.started = time.time()
+        self.checkpointer = None
 
     # ----------------------------------------------------------------- setup
 
-    def setup(self) -> None:
+    def setup(self, mesh, source) -> None:
         config = self.config
-        mesh_data, mesh_model = validate(config, jax.device_count())
-        self.mesh = make_mesh(mesh_data, mesh_model)
-        self.source = make_source(config)
-        if self.source.d != config.sae.d:
-            raise DataError(f"{self.source.describe()} has d={self.source.d} but sae.d={config.sae.d}")
+        self.mesh, self.source = mesh, source
+        if source.d != config.sae.d:
+            raise DataError(f"{source.describe()} has d={source.d} but sae.d={config.sae.d}")
         self.family = get_family(config)
-        self.algorithm = get_algorithm(self.family, config, self.mesh)
+        self.algorithm = get_algorithm(self.family, config, mesh)
         os.makedirs(self.workdir, exist_ok=True)
         self.checkpointer = Checkpointer.from_config(self.workdir, config)
         self.latest = self.checkpointer.latest_step()
@@ -91,14 +98,14 @@ class _Run:
         if self.meta:
             check_resumable(self.meta["config"], config)
 
-        sample = self.source.sample(int(config.sae.init_sample_rows))
-        check_finite(sample, 0, "train", self.source, what="the initialisation sample (sae.init_sample_rows rows)")
+        sample = source.sample(int(config.sae.init_sample_rows))
+        check_finite(sample, 0, "train", source, what="the initialisation sample (sae.init_sample_rows rows)")
         if self.meta:
             self.normalization = self.meta["normalization"]
         elif not config.data.normalize:
             self.normalization = {"scale": 1.0, "method": "none (data.normalize=false)"}
-        elif self.source.stored_scale() is not None:
-            self.normalization = {"scale": self.source.stored_scale(), "method": "whole dataset, stored with the data"}
+        elif source.stored_scale() is not None:
+            self.normalization = {"scale": source.stored_scale(), "method": "whole dataset, stored with the data"}
         else:
             self.normalization = {"scale": estimate_scale(sample),
                                   "method": f"estimated on {sample.shape[0]} sampled rows"}
@@ -106,21 +113,33 @@ class _Run:
         self.sample = sample * np.float32(self.scale)
 
         self.abstract_state = self.algorithm.abstract_state(self.sample.shape[0])
-        self.step_fn = compile_train_step(self.algorithm, self.abstract_state, self.batch_size, self.mesh)
-        self.plan = make_plan(self.step_fn, self.abstract_state, self.family, config, self.mesh)
+        self.step_fn = compile_train_step(self.algorithm, self.abstract_state, self.batch_size, mesh)
+        self.plan = make_plan(self.step_fn, self.abstract_state, self.family, config, mesh)
         log(format_plan(self.plan, config))
         check_budget(self.plan, config)
 
-    def init_or_restore(self):
+    def finished_results(self) -> dict[str, Any] | None:
+        """results.json of this workdir if it already holds this run, finished."""
+        existing = read_results(self.workdir)
+        if existing and self.latest is not None and existing.get("steps") == self.latest == self.steps:
+            log(f"{self.workdir} already holds a finished run of {self.latest} steps; nothing to do")
+            return existing
+        return None
+
+    def init_or_restore(self) -> None:
         if self.latest is not None:
             state, _ = self.checkpointer.restore(self.latest, self.abstract_state)
             if int(state[STEP]) != self.latest:
                 raise ConfigError(f"checkpoint {self.latest} holds step {int(state[STEP])}; the checkpoint directory is inconsistent")
+            if self.latest > self.steps:
+                raise ConfigError(f"{self.checkpointer.directory} holds step {self.latest}, past train.steps={self.steps}; "
+                                  "raise train.steps or use a fresh --workdir")
             log(f"resumed from {self.checkpointer.directory}/{self.latest}")
-            return state, self.latest
+            self.state, self.start = state, self.latest
+            return
         shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state)
         init = jax.jit(self.algorithm.init_state, out_shardings=shardings)
-        return init(jax.random.PRNGKey(self.config.seed), jnp.asarray(self.sample)), 0
+        self.state, self.start = init(jax.random.PRNGKey(self.config.seed), jnp.asarray(self.sample)), 0
 
     # ----------------------------------------------------------------- loop
 
@@ -136,13 +155,13 @@ class _Run:
             "saejax_version": saejax.__version__,
         }
 
-    def save(self, state, step: int) -> None:
-        if not bool(_all_finite(state[PARAMS])):
+    def save(self, step: int) -> None:
+        if not bool(_all_finite(self.state[PARAMS])):
             raise TrainingDivergedError(
                 f"parameters are NaN/inf at step {step}; not saving. {self._last_good()} "
                 "Lower optim.lr or check the data."
             )
-        self.checkpointer.save(step, state, self._meta(step))
+        self.checkpointer.save(step, self.state, self._meta(step))
         self.last_saved = step
 
     def _last_good(self) -> str:
@@ -162,56 +181,39 @@ class _Run:
             )
         now = time.time()
         self.tokens_per_sec = (step - self.window_step) * self.batch_size / max(now - self.window_time, 1e-9)
-        if step % self.config.train.log_every == 0 or step == self.config.train.steps:
+        if step % self.config.train.log_every == 0 or step == self.steps:
             self.writer.write({"step": step, "tokens": step * self.batch_size, **values,
                                "tokens_per_sec": self.tokens_per_sec, "elapsed_s": now - self.started})
             self.window_step, self.window_time = step, now
-        self.progress.update(step - self.progress.n)
-        self.progress.set_postfix(
-            {"tok/s": f"{self.tokens_per_sec:,.0f}", "nmse": f"{values['nmse']:.4f}",
-             "L0": f"{values['l0']:.1f}", "dead": f"{values['dead_fraction']:.3f}"}, refresh=False)
         self.last_metrics = {"step": step, **values}
         return values
 
-    def loop(self, state, start: int):
-        config, steps = self.config, int(self.config.train.steps)
-        every = int(config.checkpoint.every_steps)
+    def begin(self) -> None:
         self.last_saved = self.latest
-        self.writer = MetricsWriter(self.workdir, start)
-        self.window_step, self.window_time, self.tokens_per_sec = start, time.time(), 0.0
+        self.writer = MetricsWriter(self.workdir, self.start)
+        self.window_step, self.window_time, self.tokens_per_sec = self.start, time.time(), 0.0
         self.last_metrics = None
-        self.progress = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
-                             disable=not (config.train.progress and jax.process_index() == 0),
-                             mininterval=0.5 if sys.stderr.isatty() else 30.0)
-        feeder = BatchFeeder(self.source, self.batch_size, batch_sharding(self.mesh), self.scale,
-                             start, steps, int(config.data.prefetch))
-        pending = None
-        try:
-            with PreemptionGuard() as guard:
-                for step in range(start, steps):
-                    state, metrics = self.step_fn(state, feeder.get(step))
-                    if pending is not None:  # fetch the previous step's metrics while this one runs
-                        self.consume(*pending)
-                    pending = (step + 1, metrics)
-                    preempted = guard.requested()
-                    if preempted or step + 1 == steps or (every and (step + 1) % every == 0):
-                        self.consume(*pending)
-                        pending = None
-                        self.save(state, step + 1)
-                    if preempted:
-                        self.checkpointer.wait()
-                        self.progress.close()
-                        log(f"{guard.signal_name}: saved step {step + 1} to {self.checkpointer.directory}; "
-                            f"exiting with code {Preempted.exit_code} so the job can be requeued")
-                        raise Preempted(f"preempted by {guard.signal_name} at step {step + 1}; state saved")
-                if pending is not None:
-                    self.consume(*pending)
-        finally:
-            feeder.close()
-            self.progress.close()
-            self.writer.close()
+        self.pending = None
+
+    def advance(self, step: int, batch, preempted: bool) -> None:
+        """Train step `step` on `batch`; save on the last step, every checkpoint.every_steps, or when preempted."""
+        every = int(self.config.checkpoint.every_steps)
+        self.state, metrics = self.step_fn(self.state, batch)
+        if self.pending is not None:  # fetch the previous step's metrics while this one runs
+            self.consume(*self.pending)
+        self.pending = (step + 1, metrics)
+        if preempted or step + 1 == self.steps or (every and (step + 1) % every == 0):
+            self.flush()
+            self.save(step + 1)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self.consume(*pending)
+
+    def end(self) -> None:
+        self.writer.close()
         self.checkpointer.wait()
-        return state
 
     # ----------------------------------------------------------------- wrap-up
 
@@ -223,15 +225,17 @@ class _Run:
         eval_fn = jax.jit(lambda p, b: self.family.loss(p, b, no_dead, self.mesh)[1].metrics)
         totals: dict[str, float] = {}
         for i in range(batches):
-            batch = device_batch(host_batch(self.source, i, self.batch_size, self.scale, "eval"),
-                                 self.batch_size, batch_sharding(self.mesh))
+            sharding = batch_sharding(self.mesh)
+            batch = device_batch(host_batch(self.source, i, self.batch_size, self.scale, "eval", sharding),
+                                 self.batch_size, sharding)
             for k, v in jax.device_get(eval_fn(params, batch)).items():
                 totals[k] = totals.get(k, 0.0) + float(v) / batches
         totals.pop("auxk_loss", None)
         totals["explained_variance"] = 1.0 - totals["nmse"]
         return totals
 
-    def finish(self, state) -> dict[str, Any]:
+    def finish(self) -> dict[str, Any]:
+        state = self.state
         params = self.algorithm.export_params(state)
         eval_metrics = self.evaluate(params)
         tensors, cfg = self.family.export(params)
@@ -267,23 +271,144 @@ class _Run:
                       "metrics": metrics_path},
         }
         if isinstance(self.source, SyntheticSource):
-            dictionary = np.asarray(jax.device_get(self.family.dictionary(params)))
+            dictionary = to_host(self.family.dictionary(params))  # gathered: shards may be on other hosts
             results["feature_recovery_mmcs"] = self.source.feature_recovery(dictionary)
         write_results(self.workdir, results)
         return results
 
 
+def _shared_setup(configs) -> tuple[Any, Any]:
+    """The mesh and data source every run of a group uses; refuses runs that cannot share them."""
+    first = configs[0].to_dict()
+    for config in configs[1:]:
+        other = config.to_dict()
+        differing = [key for key in GROUP_SHARED_KEYS if json.dumps(_get(first, key), sort_keys=True) != json.dumps(_get(other, key), sort_keys=True)]
+        if differing:
+            raise ConfigError(f"runs trained in one pass must share {', '.join(differing)} "
+                              f"(they read the same batches on the same mesh); train them separately")
+    shapes = {validate(config, jax.device_count()) for config in configs}
+    if len(shapes) > 1:
+        raise ConfigError(f"runs trained in one pass need one mesh shape, got {sorted(shapes)}")
+    mesh = make_mesh(*shapes.pop())
+    return mesh, make_source(configs[0])
+
+
+class _GroupProgress:
+    """One progress bar for a group; the postfix shows the run's metrics (or a summary of several)."""
+
+    def __init__(self, config, total: int, initial: int, runs: int):
+        self.runs = runs
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
+                        disable=not (config.train.progress and jax.process_index() == 0),
+                        mininterval=0.5 if sys.stderr.isatty() else 30.0)
+
+    def update(self, step: int, active: list[_Run]) -> None:
+        self.bar.update(step - self.bar.n)
+        with_metrics = [r for r in active if r.last_metrics]
+        if self.runs == 1 and with_metrics:
+            run = with_metrics[0]
+            m = run.last_metrics
+            self.bar.set_postfix({"tok/s": f"{run.tokens_per_sec:,.0f}", "nmse": f"{m['nmse']:.4f}",
+                                  "L0": f"{m['l0']:.1f}", "dead": f"{m['dead_fraction']:.3f}"}, refresh=False)
+        elif with_metrics:
+            nmse = [r.last_metrics["nmse"] for r in with_metrics]
+            self.bar.set_postfix({"runs": f"{len(active)}/{self.runs}",
+                                  "nmse": f"{min(nmse):.4f}..{max(nmse):.4f}"}, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def train_group(configs, workdirs, raise_errors: bool = True) -> list[dict[str, Any] | BaseException]:
+    """Train several SAEs on one stream of batches: data read once, each with its own state and workdir.
+
+    Every run resumes from its own checkpoints; batch s is the same for all
+    (a function of s), so runs that resume at different steps stay in step.
+    With `raise_errors=False` a run that fails (bad config, divergence) is
+    dropped and its exception returned in its place; the others go on. An
+    error of the shared data stream or a preemption ends every run.
+    """
+    if len(configs) != len(workdirs) or not configs:
+        raise ValueError("train_group needs one workdir per config")
+    outcomes: list[dict[str, Any] | BaseException | None] = [None] * len(configs)
+    mesh, source = _shared_setup(configs)
+    runs = [_Run(config, workdir) for config, workdir in zip(configs, workdirs, strict=True)]
+
+    def fail(i: int, error: BaseException) -> None:
+        if raise_errors:
+            raise error
+        log(f"{runs[i].name}: failed: {error}")
+        outcomes[i] = error
+
+    try:
+        for i, run in enumerate(runs):
+            try:
+                run.setup(mesh, source)
+                outcomes[i] = run.finished_results()
+                if outcomes[i] is None:
+                    run.init_or_restore()
+                    if run.start == run.steps:  # trained, but killed before its final evaluation and export
+                        run.last_metrics = None
+                        outcomes[i] = run.finish()
+            except SaeJaxError as e:
+                fail(i, e)
+        active = [i for i in range(len(runs)) if outcomes[i] is None]
+        if not active:
+            return outcomes
+        scales = {runs[i].scale for i in active}
+        if len(scales) > 1:
+            raise ConfigError(f"runs trained in one pass need one normalisation scale, got {sorted(scales)}")
+        start = min(runs[i].start for i in active)
+        stop = max(runs[i].steps for i in active)
+        for i in active:
+            runs[i].begin()
+        progress = _GroupProgress(configs[0], stop, start, len(active))
+        feeder = BatchFeeder(source, runs[active[0]].batch_size, batch_sharding(mesh), scales.pop(),
+                             start, stop, int(configs[0].data.prefetch))
+        try:
+            with PreemptionGuard() as guard:
+                for step in range(start, stop):
+                    batch = feeder.get(step)
+                    preempted = guard.requested()
+                    for i in list(active):
+                        run = runs[i]
+                        if step < run.start:
+                            continue
+                        try:
+                            run.advance(step, batch, preempted)
+                            if step + 1 == run.steps:
+                                run.end()
+                                outcomes[i] = run.finish()
+                                active.remove(i)
+                        except (TrainingDivergedError, DataError) as e:
+                            active.remove(i)
+                            fail(i, e)
+                    progress.update(step + 1, [runs[i] for i in active])
+                    if preempted:
+                        for i in active:
+                            runs[i].checkpointer.wait()
+                        progress.close()
+                        saved = ", ".join(runs[i].checkpointer.directory for i in active)
+                        log(f"{guard.signal_name}: saved step {step + 1} to {saved}; exiting with code {Preempted.exit_code} "
+                            "so the job can be requeued")
+                        preempted_error = Preempted(f"preempted by {guard.signal_name} at step {step + 1}; state saved")
+                        preempted_error.outcomes = outcomes  # runs that finished or failed before the signal
+                        raise preempted_error
+                    if not active:
+                        break
+        finally:
+            feeder.close()
+            progress.close()
+            for run in runs:
+                if hasattr(run, "writer"):
+                    run.writer.close()
+        return outcomes
+    finally:
+        for run in runs:
+            if run.checkpointer is not None:
+                run.checkpointer.close()
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Train (or resume, or finish) the run in `workdir`; returns the contents of results.json."""
-    run = _Run(config, workdir)
-    run.setup()
-    try:
-        existing = read_results(workdir)
-        if existing and run.latest is not None and existing.get("steps") == run.latest == config.train.steps:
-            log(f"{workdir} already holds a finished run of {run.latest} steps; nothing to do")
-            return existing
-        state, start = run.init_or_restore()
-        state = run.loop(state, start)
-        return run.finish(state)
-    finally:
-        run.checkpointer.close()
+    return train_group([config], [workdir])[0]

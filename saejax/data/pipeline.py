@@ -21,9 +21,34 @@ def estimate_scale(sample: np.ndarray) -> float:
     return float(np.sqrt(sample.shape[1] / mean_sq_norm))
 
 
-def start_host_batch(source: DataSource, step: int, batch_size: int, split: str = "train") -> PendingRows:
-    """Put the reads for this process's rows of batch `step` in flight."""
-    return source.read_async(step, batch_size, split, jax.process_index(), jax.process_count())
+def process_share(sharding, batch_size: int) -> tuple[int, int]:
+    """(index, count): this process feeds rows [index, index + 1) * batch_size / count of each global batch.
+
+    The share follows the batch's sharding, not the process index: a process
+    must supply every row its own devices hold. With the latent axis spanning
+    processes (mesh data=1, model over all devices) every process holds, and
+    reads, the whole batch; with the data axis split over processes each reads
+    its block. None of the sources need more than a contiguous block per process.
+    """
+    if sharding is None or jax.process_count() == 1:
+        return 0, 1
+    rows = sorted({(index[0].start or 0, batch_size if index[0].stop is None else index[0].stop)
+                   for index in sharding.addressable_devices_indices_map((batch_size, 1)).values()})
+    start, stop = rows[0][0], rows[-1][1]
+    per = stop - start
+    contiguous = all(a[1] == b[0] for a, b in zip(rows, rows[1:], strict=False))
+    if not contiguous or batch_size % per or start % per:
+        raise DataError(
+            f"process {jax.process_index()}'s devices hold rows {rows} of the {batch_size}-token batch, not one "
+            "aligned contiguous block; order the mesh so each process's devices hold adjacent data-axis positions"
+        )
+    return start // per, batch_size // per
+
+
+def start_host_batch(source: DataSource, step: int, batch_size: int, split: str = "train", sharding=None) -> PendingRows:
+    """Put the reads for this process's rows of batch `step` (those `sharding` puts on its devices) in flight."""
+    index, count = process_share(sharding, batch_size) if sharding is not None else (jax.process_index(), jax.process_count())
+    return source.read_async(step, batch_size, split, index, count)
 
 
 def finish_host_batch(pending: PendingRows, source: DataSource, step: int, scale: float, split: str = "train") -> np.ndarray:
@@ -33,9 +58,15 @@ def finish_host_batch(pending: PendingRows, source: DataSource, step: int, scale
     return local * np.float32(scale) if scale != 1.0 else local
 
 
-def host_batch(source: DataSource, step: int, batch_size: int, scale: float, split: str = "train") -> np.ndarray:
-    """This process's rows of batch `step`, checked for NaN/inf and normalised."""
-    return finish_host_batch(start_host_batch(source, step, batch_size, split), source, step, scale, split)
+def host_batch(source: DataSource, step: int, batch_size: int, scale: float, split: str = "train",
+               sharding=None) -> np.ndarray:
+    """This process's rows of batch `step`, checked for NaN/inf and normalised.
+
+    Pass the batch's `sharding` in multi-process runs: without it each process
+    reads a 1/process_count share, right only when the data axis is split over processes.
+    """
+    pending = start_host_batch(source, step, batch_size, split, sharding)
+    return finish_host_batch(pending, source, step, scale, split)
 
 
 def device_batch(local: np.ndarray, batch_size: int, sharding) -> jax.Array:
@@ -74,7 +105,7 @@ class BatchFeeder:
             next_read = start_step
             for step in range(start_step, stop_step):
                 while next_read < stop_step and len(in_flight) <= self._queue.maxsize:
-                    in_flight.append(start_host_batch(source, next_read, batch_size, split))
+                    in_flight.append(start_host_batch(source, next_read, batch_size, split, sharding))
                     next_read += 1
                 local = finish_host_batch(in_flight.popleft(), source, step, scale, split)
                 if not self._put((step, device_batch(local, batch_size, sharding))):
