@@ -49,4 +49,4 @@ def get_hyper(hyper):
 
 def get_harvest():
     """The store the study trains on when data.path is empty: the built-in MiniLM harvest."""
-    return {"config": "minilm", "overrides": {"progress": False}}
+    return {"config": "minilm", "overrides": {}}

@@ -8,8 +8,8 @@
 #   launch/local.sh runs/n32k npy:path=acts.npy,n=32768      # your activations
 #   SAEJAX_CPU_DEVICES=8 launch/local.sh runs/sharded        # split latents over 8 simulated CPU devices
 #   SAEJAX_RETRIES=5 launch/local.sh runs/spot ...           # rerun after a preemption (exit 75), e.g. on spot VMs
-#   launch/local.sh sweep studies/nk.py runs/nk --parallel 2 # every grid point, two at a time
-#   launch/local.sh --dry-run sweep studies/nk.py runs/nk    # print the command, run nothing
+#   launch/local.sh sweep experiments/gpt2_small.py runs/nk --parallel 2 # every grid point, two at a time
+#   launch/local.sh --dry-run sweep experiments/gpt2_small.py runs/nk    # print the command, run nothing
 #
 # (A training workdir literally named "sweep" is written ./sweep.) Output goes to the
 # terminal and to WORKDIR/train.log (WORKDIR/sweep.log for a sweep). A sweep run again

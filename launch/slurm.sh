@@ -3,9 +3,9 @@
 #
 #   launch/slurm.sh [--dry-run] STUDY.py WORKDIR [--config.KEY=VALUE ...]
 #
-#   PARTITION=gpu launch/slurm.sh studies/nk.py /shared/runs/nk
-#   PARTITION=gpu NODES=2 GPUS_PER_NODE=8 TIME=12:00:00 MAX_PARALLEL=4 launch/slurm.sh studies/nk.py /shared/runs/nk
-#   PARTITION=cpu GPUS_PER_NODE=0 launch/slurm.sh --dry-run studies/nk.py /shared/runs/nk --config.train.steps=500
+#   PARTITION=gpu launch/slurm.sh experiments/gpt2_small.py /shared/runs/nk
+#   PARTITION=gpu NODES=2 GPUS_PER_NODE=8 TIME=12:00:00 MAX_PARALLEL=4 launch/slurm.sh experiments/gpt2_small.py /shared/runs/nk
+#   PARTITION=cpu GPUS_PER_NODE=0 launch/slurm.sh --dry-run experiments/gpt2_small.py /shared/runs/nk --config.train.steps=500
 #
 # The array has one task per line of `saejax sweep STUDY --workdir WORKDIR --list` (also run
 # by --dry-run, to size it). Array task I runs `srun saejax sweep STUDY --workdir WORKDIR

@@ -5,10 +5,10 @@
 #   launch/tpu_vm.sh [--dry-run] STUDY.py WORKDIR all [--config.KEY=VALUE ...]     # the whole sweep, point after point
 #   launch/tpu_vm.sh [--dry-run] train WORKDIR [CONFIG[:VARIANT]] [--config.KEY=VALUE ...]
 #
-#   TPU_NAME=sae-v4-32 ZONE=us-central2-b launch/tpu_vm.sh studies/nk.py /mnt/shared/nk 3
-#   TPU_NAME=sae-v4-32 ZONE=us-central2-b launch/tpu_vm.sh studies/nk.py /mnt/shared/nk all
+#   TPU_NAME=sae-v4-32 ZONE=us-central2-b launch/tpu_vm.sh experiments/gpt2_small.py /mnt/shared/nk 3
+#   TPU_NAME=sae-v4-32 ZONE=us-central2-b launch/tpu_vm.sh experiments/gpt2_small.py /mnt/shared/nk all
 #   TPU_NAME=sae-v4-8 ZONE=us-central2-b PROJECT=my-proj launch/tpu_vm.sh train /mnt/shared/gpt2 gpt2_small
-#   TPU_NAME=x ZONE=y launch/tpu_vm.sh --dry-run studies/nk.py /mnt/shared/nk all   # print the gcloud command
+#   TPU_NAME=x ZONE=y launch/tpu_vm.sh --dry-run experiments/gpt2_small.py /mnt/shared/nk all   # print the gcloud command
 #
 # Every worker runs the same command through
 #   gcloud compute tpus tpu-vm ssh TPU_NAME --zone ZONE [--project PROJECT] --worker=all --command ...

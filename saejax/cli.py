@@ -1,11 +1,11 @@
-"""`saejax` command line: harvest, train, plan, store.
+"""`saejax` command line: harvest, train, plan, store, sweep, fit.
 
   saejax harvest --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] --store DIR
   saejax train   --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] --workdir DIR
   saejax plan    --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] [--devices N]
   saejax store   DIR
   saejax sweep   STUDY.py --workdir DIR [--parallel N] [--one-pass] [--point I] [--list]
-  saejax fit     SWEEP_DIR
+  saejax fit     SWEEP_DIR [--metric nmse] [--bootstrap 1000] [--out DIR]
 
 CONFIG is a path to a Python file with get_config(), or the name of a
 built-in config: for train and plan default, minilm, npy, gpt2_small,
@@ -85,7 +85,11 @@ def _simulate_cpu_devices(count: int) -> None:
 def _train(args, config) -> int:
     from saejax.trainer import train_and_evaluate
 
+    import jax
+
     results = train_and_evaluate(config, args.workdir)
+    if jax.process_index() != 0:  # multi-host: one summary per job
+        return 0
     metrics = results.get("eval_metrics") or results.get("final_train_metrics", {})
     summary = [f"done: {results['steps']} steps, {results['tokens_seen']:,} tokens in {results['wall_time_s']:.1f}s"]
     summary.append("  nmse {:.4f}  L0 {:.2f}  dead fraction {:.4f}".format(
