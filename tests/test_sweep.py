@@ -79,8 +79,8 @@ def test_specs_name_hash_and_validate_every_point(tmp_path):
     assert [(s.config.sae.n, s.config.sae.k) for s in grid] == [(64, 4), (64, 8), (128, 4), (128, 8)]
     assert all(s.run_dir == str(tmp_path / "w" / "runs" / s.name) for s in grid)
     assert run_name({"sae.n": 64, "optim.lr": 0.001}, "abcdef123456") == "n64-lr0.001-abcdef12"
-    # The hash is stable, ignores the progress bar, follows every computing key.
-    again = specs(study, str(tmp_path / "w"), [("train.progress", "true")])
+    # The hash is stable, ignores progress bars and checkpoint cadence, follows every computing key.
+    again = specs(study, str(tmp_path / "w"), [("train.progress", "true"), ("checkpoint.every_steps", "5")])
     assert [s.config_hash for s in again] == [s.config_hash for s in grid]
     longer = specs(study, str(tmp_path / "w"), [("train.steps", "40")])
     assert not {s.config_hash for s in longer} & {s.config_hash for s in grid}
@@ -184,6 +184,25 @@ def test_sweep_point_runs_one_run_and_updates_the_table(tmp_path):
     assert result.returncode == 0, result.stderr
     table = read_table(workdir)
     assert [(row["n"], row["k"], row["status"]) for row in table] == [(128, 4, "done")]
+
+
+def test_parallel_jobs_and_gpu_slots(tmp_path, monkeypatch):
+    study = write_study(tmp_path, grid='h.sweep("sae.n", [64, 128])', steps=10, every=0)
+    workdir = str(tmp_path / "sweep")
+    result = run_cli("sweep", study, "--workdir", workdir, "--parallel", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "as 2 job(s), 2 at a time" in result.stdout
+    assert [(row["n"], row["status"]) for row in read_table(workdir)] == [(64, "done"), (128, "done")]
+
+    from saejax.sweep.runner import Runner
+
+    grid = specs(load_study(study), workdir)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert Runner(grid, workdir, parallel=2, gpus_per_run=2).gpu_slots == ["4,5", "6,7"]
+    with pytest.raises(ConfigError, match=r"--parallel=3 x --gpus-per-run=2 needs 6 GPUs; CUDA_VISIBLE_DEVICES lists 4"):
+        Runner(grid, workdir, parallel=3, gpus_per_run=2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert Runner(grid, workdir, parallel=2, gpus_per_run=1).gpu_slots == ["0", "1"]
 
 
 def _start_sweep(study, workdir):

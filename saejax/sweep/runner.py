@@ -32,6 +32,7 @@ from saejax.sweep.table import (
     RUN_CONFIG_FILE,
     TABLE_CSV,
     TABLE_JSONL,
+    clear_failure,
     failure,
     finished,
     record_failure,
@@ -164,6 +165,8 @@ class Runner:
         os.makedirs(os.path.join(self.workdir, LOGS_DIR), exist_ok=True)
         name = specs[0].name + (f"+{len(specs) - 1}" if len(specs) > 1 else "")
         log_path = os.path.join(self.workdir, LOGS_DIR, f"{name}.log")
+        for spec in specs:  # tried again: an old failure must not stand for this attempt's outcome
+            clear_failure(spec.run_dir)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if self.gpu_slots is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.gpu_slots[slot]

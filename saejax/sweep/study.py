@@ -28,8 +28,9 @@ from saejax.sweep import hyper
 
 STORE_DIR = "acts"
 RUNS_DIR = "runs"
-# Keys that change how a run reports progress, not what it computes: left out of its hash.
-UNHASHED_KEYS = (("train", "progress"), ("data", "prefetch"))
+# Keys that change how a run reports, saves or is checked, not what it computes: left out of
+# its hash, so changing them (say, checkpointing more often) continues the same runs.
+UNHASHED_KEYS = ("train.progress", "train.log_every", "data.prefetch", "checkpoint", "device_memory_gb")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +81,12 @@ def load_study(path: str) -> Study:
 def config_hash(config, workdir: str) -> str:
     """sha256 of the config that defines the run, with paths inside the sweep made relative."""
     tree = config.to_dict()
-    for group, key in UNHASHED_KEYS:
-        tree[group].pop(key, None)
+    for dotted in UNHASHED_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for part in parents:
+            node = node[part]
+        node.pop(leaf, None)
     path = tree["data"]["path"]
     if path and os.path.abspath(path).startswith(os.path.abspath(workdir) + os.sep):
         tree["data"]["path"] = "<sweep>/" + os.path.relpath(os.path.abspath(path), os.path.abspath(workdir))
