@@ -137,14 +137,22 @@ def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: Mapping[s
         os.replace(tmp, path)
 
 
-def write_json_atomic(path: str, payload: Any) -> None:
+def write_text_atomic(path: str, text: str) -> None:
+    """Write to PATH.tmp, fsync, rename: readers see the old file or the new one, never a torn one.
+
+    One writer per path at a time (the sweep table is written under a lock): a
+    killed writer's PATH.tmp is overwritten by the next, not left behind.
+    """
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
 def _json_default(value):

@@ -43,15 +43,6 @@ def _check_arguments(args) -> None:
         raise ConfigError(f"--confidence must be between 0 and 1, e.g. 0.95, got {args.confidence}")
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _failed_note(failed: list[dict]) -> str:
     """E.g. "skipped 2 failed runs (a, b)": rows whose status is not "done" have no metrics to fit."""
     statuses: dict[str, list[str]] = {}
@@ -67,7 +58,7 @@ def _failed_note(failed: list[dict]) -> str:
 def main(args) -> int:
     from tqdm import tqdm
 
-    from saejax.export import write_json_atomic
+    from saejax.export import write_json_atomic, write_text_atomic
     from saejax.scaling.plots import save_plots
     from saejax.scaling.report import format_markdown, format_report
     from saejax.scaling.sweep_fit import fit_sweep
@@ -94,7 +85,7 @@ def main(args) -> int:
     os.makedirs(out_dir, exist_ok=True)
     json_path, markdown_path = os.path.join(out_dir, "fit.json"), os.path.join(out_dir, "fit.md")
     write_json_atomic(json_path, sweep_fit.as_dict())
-    _write_text_atomic(markdown_path, format_markdown(sweep_fit))
+    write_text_atomic(markdown_path, format_markdown(sweep_fit))
     plots, plot_notes = save_plots(results, sweep_fit, out_dir)
     for note in plot_notes:
         print(f"note: {note}")

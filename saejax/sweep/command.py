@@ -53,7 +53,7 @@ def _select(specs, point: str):
     raise ConfigError(f"--point {point!r} is neither an index nor a run name; `--list` shows both")
 
 
-def _run_point(study, spec, workdir: str, overrides) -> int:
+def _run_point(study, spec, grid, workdir: str) -> int:
     """One run in this process (SLURM array task, TPU VM worker); its exit code is the run's."""
     import jax
 
@@ -78,9 +78,7 @@ def _run_point(study, spec, workdir: str, overrides) -> int:
     else:
         code = train_runs([spec.run_dir], [spec.config], write_failures=primary)
     if primary:
-        from saejax.sweep.study import specs as all_specs
-
-        write_table(all_specs(study, workdir, overrides), workdir)
+        write_table(grid, workdir)
     return code
 
 
@@ -104,7 +102,7 @@ def main(args, overrides) -> int:
             print(f"{spec.index}\t{spec.name}\t{json.dumps(spec.point, sort_keys=True)}")
         return 0
     if args.point is not None:
-        return _run_point(study, _select(grid, args.point), workdir, overrides)
+        return _run_point(study, _select(grid, args.point), grid, workdir)
 
     from saejax.sweep.runner import Runner, check_configs, ensure_store
 

@@ -27,6 +27,7 @@ from saejax.config import validate
 from saejax.errors import EXIT_REQUEUE, ConfigError
 from saejax.export import write_json_atomic
 from saejax.results import METRICS_FILE
+from saejax.store.layout import LEDGER_FILE
 from saejax.sweep.study import RunSpec, Study
 from saejax.sweep.table import (
     RUN_CONFIG_FILE,
@@ -72,7 +73,7 @@ def ensure_store(study: Study, specs: Sequence[RunSpec], log: Callable[[str], No
     if spec is None or not specs:
         return
     store = specs[0].config.data.path
-    if os.path.exists(os.path.join(store, "ledger.json")):
+    if os.path.exists(os.path.join(store, LEDGER_FILE)):
         return
     from saejax.config import load_config
     from saejax.harvest import harvest
@@ -83,7 +84,7 @@ def ensure_store(study: Study, specs: Sequence[RunSpec], log: Callable[[str], No
     os.makedirs(os.path.dirname(store), exist_ok=True)
     with open(store + ".lock", "a") as lock:  # array tasks of one sweep: one harvests, the others wait
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(os.path.join(store, "ledger.json")):
+        if not os.path.exists(os.path.join(store, LEDGER_FILE)):
             log(f"harvesting the study's activations into {store} (once; a rerun continues an interrupted harvest)")
             harvest(config, store)
 

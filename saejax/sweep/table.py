@@ -16,7 +16,7 @@ import json
 import os
 from typing import Any, Iterator, Sequence
 
-from saejax.export import write_json_atomic
+from saejax.export import write_json_atomic, write_text_atomic
 from saejax.results import read_results
 from saejax.sweep.study import RunSpec
 
@@ -92,25 +92,16 @@ def _locked(workdir: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _replace(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_table(specs: Sequence[RunSpec], workdir: str) -> list[dict[str, Any]]:
     """Rebuild results.jsonl and results.csv from the run directories."""
     os.makedirs(workdir, exist_ok=True)
     with _locked(workdir):
         table = rows(specs, workdir)
-        _replace(os.path.join(workdir, TABLE_JSONL), "".join(json.dumps(row) + "\n" for row in table))
+        write_text_atomic(os.path.join(workdir, TABLE_JSONL), "".join(json.dumps(row) + "\n" for row in table))
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
         writer.writeheader()
         for row in table:
             writer.writerow({**row, "point": json.dumps(row["point"], sort_keys=True)})
-        _replace(os.path.join(workdir, TABLE_CSV), buffer.getvalue())
+        write_text_atomic(os.path.join(workdir, TABLE_CSV), buffer.getvalue())
     return table
