@@ -42,7 +42,7 @@ def _timed(fn):
 def build(d: int, n: int, k: int, batch: int, dead_fraction: float = 0.0):
     """(compiled step, fresh state, a random batch, mesh, config) for one device."""
     config = base_config()
-    config.sae.d, config.sae.n, config.sae.k = d, n, k
+    config.sae.d, config.sae.n, config.sae.topk.k = d, n, k
     config.data.batch_size = batch
     config.mesh.model = 1
     mesh = make_mesh(1, 1)
@@ -105,7 +105,7 @@ def main() -> None:
 
 def get_family_k_aux(args) -> int:
     config = base_config()
-    config.sae.d, config.sae.n, config.sae.k = args.d, args.n, args.k
+    config.sae.d, config.sae.n, config.sae.topk.k = args.d, args.n, args.k
     return get_family(config).k_aux
 
 

@@ -24,7 +24,7 @@ def get_config():
     config = base_config()
     config.sae.d = 768
     config.sae.n = 2**17  # swept
-    config.sae.k = 32  # swept
+    config.sae.topk.k = 32  # swept
     config.optim.ema_decay = 0.999
     config.optim.warmup_steps = 1000
     config.data.source = "store"

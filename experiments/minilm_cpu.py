@@ -21,7 +21,7 @@ def get_config():
     config = base_config()
     config.sae.d = 384
     config.sae.n = 4096  # swept
-    config.sae.k = 32  # swept
+    config.sae.topk.k = 32  # swept
     config.sae.dead_tokens = 250_000  # about one pass over the store
     config.sae.init_sample_rows = 16384
     config.data.source = "store"

@@ -21,7 +21,7 @@ def get_config():
     config = base_config()
     config.sae.d = 4096
     config.sae.n = 2**24
-    config.sae.k = 32
+    config.sae.topk.k = 32
     config.optim.warmup_steps = 1000
     config.data.source = "store"
     config.data.path = ""  # required: --config.data.path=YOUR_STORE

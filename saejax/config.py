@@ -25,8 +25,20 @@ TOPK_IMPLS = ("auto", "lax", "grouped")
 BUILTIN_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
+# Keys directly under `sae` that every family has; the rest of `sae` is one group per family.
+GENERIC_SAE_KEYS = ("family", "d", "n", "dead_tokens", "fire_threshold", "dense_threshold", "init_sample_rows")
+# Keys that change how a run reports, not what it trains: outside its identity and sweep hash.
+REPORTING_KEYS = ("sae.dense_threshold",)
+
+
 def base_config() -> ml_collections.ConfigDict:
-    """All keys with their defaults. Laptop-sized; config files scale it."""
+    """All keys with their defaults. Laptop-sized; config files scale it.
+
+    `sae.<family>` holds each registered family's own keys (saejax.models.FAMILIES);
+    only the group of `sae.family` is used by a run.
+    """
+    from saejax.models import FAMILIES
+
     c = ml_collections.ConfigDict()
     c.seed = 0  # parameter init and data order
 
@@ -34,18 +46,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.sae.family = "topk"  # see saejax.models.FAMILIES
     c.sae.d = 64  # input (activation) dimension
     c.sae.n = 1024  # number of latents
-    c.sae.k = 16  # active latents per token
-    c.sae.k_aux = config_dict.placeholder(int)  # AuxK latents; default: power of two near d/2
-    c.sae.auxk_coef = 1 / 32  # 0 disables AuxK
-    c.sae.multi_topk = False  # add multi_topk_coef * nmse at multi_topk_factor * k
-    c.sae.multi_topk_factor = 4
-    c.sae.multi_topk_coef = 1 / 8
     c.sae.dead_tokens = 10_000_000  # a latent is dead after this many tokens without firing
     c.sae.fire_threshold = 0.0  # fired means value > threshold (OpenAI's reference uses 1e-3)
+    c.sae.dense_threshold = 0.1  # a latent is dense if it fires on more than this fraction of tokens
     c.sae.init_sample_rows = 32768  # rows for the geometric-median b_pre and the data scale
+    for name, family in FAMILIES.items():
+        c.sae[name] = family.defaults()
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.lr = config_dict.placeholder(float)  # default 2e-4 / sqrt(n / 2^14)
+    c.optim.lr = config_dict.placeholder(float)  # default: the family's (2e-4 / sqrt(n / 2^14) for TopK)
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 6.25e-10
@@ -96,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
 _VARIANT_ALIASES = {
     "d": "sae.d",
     "n": "sae.n",
-    "k": "sae.k",
+    "k": "sae.k",  # the active family's k (sae.<family>.k), see set_value
     "family": "sae.family",
     "steps": "train.steps",
     "batch": "data.batch_size",
@@ -142,8 +151,36 @@ def _lookup(config, dotted: str):
     return node, leaf
 
 
+def family_key(config, dotted: str) -> str:
+    """`sae.KEY` for a key of the active family's group -> `sae.<family>.KEY`; other keys unchanged.
+
+    The short form is what configs used before families owned their keys, and
+    what researchers type (`--config.sae.k=32`); it resolves against the family
+    set so far, so set `sae.family` first.
+    """
+    parts = dotted.split(".")
+    if len(parts) == 2 and parts[0] == "sae" and parts[1] not in config.sae:
+        family = config.sae.family
+        group = config.sae.get(family)
+        if isinstance(group, ml_collections.ConfigDict) and parts[1] in group:
+            return f"sae.{family}.{parts[1]}"
+        owners = [name for name in _family_names() if parts[1] in config.sae.get(name, {})]
+        if owners:
+            raise ConfigError(f"config key {dotted!r} belongs to family {owners[0]!r} (sae.{owners[0]}.{parts[1]}), "
+                              f"but sae.family={family!r}; set sae.family={owners[0]} first, "
+                              f"or use the keys of {family!r}: {', '.join(sorted(group.keys()))}")
+    return dotted
+
+
+def _family_names() -> list[str]:
+    from saejax.models import FAMILIES
+
+    return sorted(FAMILIES)
+
+
 def set_value(config, dotted: str, value: Any) -> None:
     """Set a dotted key from a string or value, converting to the key's declared type."""
+    dotted = family_key(config, dotted)
     node, leaf = _lookup(config, dotted)
     if isinstance(node[leaf], ml_collections.ConfigDict):
         raise ConfigError(f"config key {dotted!r} is a group of keys ({', '.join(sorted(node[leaf].keys()))}); set one of them")
@@ -180,12 +217,62 @@ def _convert(text: str, field_type: type) -> Any:
 def _unknown_key_message(dotted: str, node) -> str:
     leaf = dotted.split(".")[-1]
     known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-    close = difflib.get_close_matches(leaf, known, n=3)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    close = [repr(c) for c in difflib.get_close_matches(leaf, known, n=3)]
+    group = node.get(node.get("family")) if isinstance(node, ml_collections.ConfigDict) and "family" in node else None
+    if isinstance(group, ml_collections.ConfigDict):  # under `sae`: the active family's keys too
+        prefix = dotted.rsplit(".", 1)[0]
+        close += [f"{c!r} ({prefix}.{node.family}.{c})" for c in difflib.get_close_matches(leaf, list(group), n=3)]
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
     return f"unknown config key {dotted!r}.{hint} Known keys here: {', '.join(sorted(known))}"
 
 
 # ---------------------------------------------------------------------------- validation
+
+
+def migrate_legacy(tree: dict) -> dict:
+    """A config dict in today's layout, from one that may predate family groups.
+
+    Before families owned their keys, TopK's keys (k, k_aux, auxk_coef,
+    multi_topk*) sat directly under `sae`; saved configs of such runs
+    (checkpoint meta, results.json, a sweep's config.json) and config files
+    that set `config.sae.k` are moved into `sae.<family>` here. A key that
+    belongs to another family than `sae.family` is an error.
+    """
+    from saejax.models import FAMILIES
+
+    sae = tree.get("sae")
+    if not isinstance(sae, dict):
+        return tree
+    family = sae.get("family", "topk")
+    stray = [key for key in sae if key not in GENERIC_SAE_KEYS and key not in FAMILIES]
+    if not stray:
+        return tree
+    sae = dict(sae)
+    own = FAMILIES[family].defaults() if family in FAMILIES else {}
+    group = dict(sae.get(family) or {})
+    for key in stray:
+        if key in own:
+            group[key] = sae.pop(key)
+            continue
+        owners = [name for name, cls in FAMILIES.items() if key in cls.defaults()]
+        if owners:
+            raise ConfigError(f"config key 'sae.{key}' belongs to family {owners[0]!r} "
+                              f"(sae.{owners[0]}.{key}), but sae.family={family!r}")
+    if family in FAMILIES:
+        sae[family] = group
+    return {**tree, "sae": sae}
+
+
+def _migrate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`migrate_legacy` for a config file's (unlocked) ConfigDict; returns a config in today's layout."""
+    tree = config.to_dict()
+    migrated = migrate_legacy(tree)
+    if migrated is tree:
+        return config
+    fresh = base_config()
+    for key, value in flatten(migrated).items():
+        set_value(fresh, key, value)
+    return fresh
 
 
 def _check_schema(config, reference, prefix: str = "") -> None:
@@ -229,18 +316,19 @@ def validate(config, num_devices: int) -> tuple[int, int]:
     _check_schema(config, base_config())
     sae, optim, data, train, ckpt = config.sae, config.optim, config.data, config.train, config.checkpoint
 
-    _require(sae.family in FAMILIES, f"sae.family={sae.family!r} is not one of {sorted(FAMILIES)}")
+    _require(sae.family in FAMILIES, f"sae.family={sae.family!r} is not a family; the families are: "
+             f"{', '.join(sorted(FAMILIES))}")
     _require(train.algorithm in ALGORITHMS, f"train.algorithm={train.algorithm!r} is not one of {sorted(ALGORITHMS)}")
     _require(sae.d >= 1, f"sae.d={sae.d} must be >= 1")
     _require(sae.n >= 1, f"sae.n={sae.n} must be >= 1")
-    _require(1 <= sae.k <= sae.n, f"sae.k={sae.k} must be between 1 and sae.n={sae.n}")
-    _require(sae.k_aux is None or sae.k_aux >= 1, f"sae.k_aux={sae.k_aux} must be >= 1 (or unset)")
-    _require(sae.auxk_coef >= 0, f"sae.auxk_coef={sae.auxk_coef} must be >= 0 (0 disables AuxK)")
-    _require(sae.multi_topk_factor >= 1, f"sae.multi_topk_factor={sae.multi_topk_factor} must be >= 1")
+    _check_inactive_groups(config)
+    FAMILIES[sae.family].check(sae[sae.family], config)
     _require(0 < sae.dead_tokens < 2**31, f"sae.dead_tokens={sae.dead_tokens} must be in (0, 2^31)")
+    _require(0 < sae.dense_threshold <= 1, f"sae.dense_threshold={sae.dense_threshold} must be in (0, 1]")
     _require(sae.init_sample_rows >= 1, f"sae.init_sample_rows={sae.init_sample_rows} must be >= 1")
 
-    _require(optim.lr is None or (optim.lr > 0 and math.isfinite(optim.lr)), f"optim.lr={optim.lr} must be a positive number (or unset for 2e-4/sqrt(n/2^14))")
+    _require(optim.lr is None or (optim.lr > 0 and math.isfinite(optim.lr)),
+             f"optim.lr={optim.lr} must be a positive number (or unset for the family's default)")
     _require(0 <= optim.b1 < 1 and 0 <= optim.b2 < 1, f"optim.b1={optim.b1}, optim.b2={optim.b2} must be in [0, 1)")
     _require(optim.eps > 0, f"optim.eps={optim.eps} must be > 0")
     _require(optim.warmup_steps >= 0, f"optim.warmup_steps={optim.warmup_steps} must be >= 0")
@@ -289,11 +377,63 @@ def validate(config, num_devices: int) -> tuple[int, int]:
     return mesh_data, mesh_model
 
 
-def learning_rate(config) -> float:
-    """optim.lr, or Gao et al.'s default 2e-4 / sqrt(n / 2^14)."""
-    if config.optim.lr is not None:
-        return float(config.optim.lr)
-    return 2e-4 / math.sqrt(config.sae.n / 2**14)
+def _check_inactive_groups(config) -> None:
+    """A key of a family other than sae.family, changed from its default, is a mistake: say so."""
+    from saejax.models import FAMILIES
+
+    for name, family in FAMILIES.items():
+        if name == config.sae.family:
+            continue
+        defaults = flatten(family.defaults().to_dict())
+        for key, value in flatten(config.sae[name].to_dict()).items():
+            if value != defaults.get(key):
+                raise ConfigError(
+                    f"config key 'sae.{name}.{key}' is set ({value!r}) but belongs to family {name!r}, and "
+                    f"sae.family={config.sae.family!r}; set sae.family={name} or remove the key")
+
+
+# ---------------------------------------------------------------------------- run identity
+
+
+def _group_names() -> dict[str, list[str]]:
+    """Parent group -> the names of its optional sub-groups, one per registered choice."""
+    from saejax.algorithms import ALGORITHMS
+    from saejax.data import SOURCES
+    from saejax.models import FAMILIES
+
+    return {"sae": sorted(FAMILIES), "data": sorted(SOURCES), "train": sorted(ALGORITHMS)}
+
+
+def active_tree(values) -> dict:
+    """The config as a dict with only the groups a run uses, in a layout stable across additions.
+
+    Of `sae.<family>`, `data.<source>` and `train.<algorithm>` groups only the
+    chosen one stays, and the family's keys are listed directly under `sae`
+    (as they were before families owned groups), so registering a new family,
+    source or algorithm changes no existing run's identity, and TopK runs keep
+    theirs. Reporting keys are dropped. Accepts a ConfigDict or a saved dict
+    (also one of the layout before family groups).
+    """
+    tree = migrate_legacy(values.to_dict() if isinstance(values, ml_collections.ConfigDict) else dict(values))
+    tree = {key: (dict(value) if isinstance(value, dict) else value) for key, value in tree.items()}
+    choices = {"sae": tree.get("sae", {}).get("family"), "data": tree.get("data", {}).get("source"),
+               "train": tree.get("train", {}).get("algorithm")}
+    for parent, names in _group_names().items():
+        node = tree.get(parent)
+        if not isinstance(node, dict):
+            continue
+        for name in names:
+            group = node.pop(name, None)
+            if name != choices[parent] or not isinstance(group, dict):
+                continue
+            if parent == "sae":
+                node.update(group)  # the family's keys, where they were before family groups
+            else:
+                node[name] = group
+    for dotted in REPORTING_KEYS:
+        parent, leaf = dotted.split(".")
+        tree.get(parent, {}).pop(leaf, None)
+    return tree
 
 
 # ---------------------------------------------------------------------------- config files
@@ -311,8 +451,10 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def config_from_dict(values: dict, schema=None) -> ml_collections.ConfigDict:
-    """A locked config from `config.to_dict()` output (e.g. a sweep run's config.json)."""
+    """A locked config from `config.to_dict()` output (e.g. a sweep run's config.json, old ones too)."""
     config = (schema or base_config)()
+    if schema is None:
+        values = migrate_legacy(values)
     for key, value in flatten(values).items():
         set_value(config, key, value)
     _check_schema(config, (schema or base_config)())
@@ -366,6 +508,8 @@ def load_config(spec: str, overrides: Sequence[tuple[str, str]] = (), schema=Non
         raise ConfigError(f"get_config() in {path} failed: {type(e).__name__}: {e}") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"get_config() in {path} returned {type(config).__name__}, not a ConfigDict")
+    if schema is base_config:
+        config = _migrate_config(config)  # a config file written before families owned their keys
     _check_schema(config, schema())  # a misspelt key in the file itself
     for key, value in overrides:
         set_value(config, key, value)

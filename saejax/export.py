@@ -173,10 +173,98 @@ def export_sae(directory: str, tensors: Mapping[str, Any], cfg: dict[str, Any]) 
     return weights_path, cfg_path
 
 
-def load_sae(directory: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(tensors by name as numpy arrays, cfg) of an exported SAE."""
+class SAE:
+    """A trained SAE read back from `sae.safetensors` + `cfg.json`, for notebooks and other code.
+
+    `encode(x)` / `decode(codes)` / `reconstruct(x)` run the family's own
+    inference (JAX, one device) on raw activations: inputs are multiplied by
+    the stored normalisation scale and reconstructions divided by it, so they
+    are in the units of the activations given (pass `normalized=True` to skip
+    that). `tensors` are numpy arrays by their exported names, `cfg` the
+    parsed cfg.json, `family` the saejax family object.
+    """
+
+    def __init__(self, tensors: dict[str, np.ndarray], cfg: dict[str, Any]):
+        import jax.numpy as jnp
+
+        from saejax.sharding import make_mesh
+
+        self.tensors, self.cfg = tensors, cfg
+        self.family = _family_from_cfg(cfg)
+        self.scale = float((cfg.get("normalization") or {}).get("scale", 1.0))
+        self.mesh = make_mesh(1, 1, jax.devices()[:1])
+        self.params = {name: jnp.asarray(value) for name, value in tensors.items()}
+        self._encode = jax.jit(lambda p, x: self.family.encode(p, x, self.mesh))
+        self._decode = jax.jit(lambda p, c: self.family.decode(p, c, self.mesh))
+
+    @property
+    def d(self) -> int:
+        return self.family.d
+
+    @property
+    def n(self) -> int:
+        return self.family.n
+
+    def _input(self, x, normalized: bool):
+        x = np.asarray(x, np.float32)
+        if x.ndim != 2 or x.shape[1] != self.d:
+            raise ValueError(f"expected activations of shape (tokens, {self.d}), got {x.shape}")
+        return x if normalized else x * np.float32(self.scale)
+
+    def encode(self, x, normalized: bool = False):
+        """Codes (SparseCodes or DenseCodes of numpy arrays) of a (tokens, d) batch."""
+        return jax.device_get(self._encode(self.params, self._input(x, normalized)))
+
+    def decode(self, codes, normalized: bool = False) -> np.ndarray:
+        recon = np.asarray(jax.device_get(self._decode(self.params, codes)))
+        return recon if normalized else recon / np.float32(self.scale)
+
+    def __iter__(self):
+        """Unpacks as (tensors, cfg), what load_sae returned before it returned an SAE."""
+        return iter((self.tensors, self.cfg))
+
+    def reconstruct(self, x, normalized: bool = False) -> np.ndarray:
+        return self.decode(self.encode(x, normalized), normalized)
+
+    def dense_codes(self, x, normalized: bool = False) -> np.ndarray:
+        """(tokens, n) codes as one dense numpy array."""
+        from saejax.models.base import DenseCodes
+
+        codes = self.encode(x, normalized)
+        if isinstance(codes, DenseCodes):
+            return np.asarray(codes.values)
+        dense = np.zeros((codes.values.shape[0], self.n), np.float32)
+        np.put_along_axis(dense, np.asarray(codes.indices), np.asarray(codes.values), axis=1)
+        return dense
+
+
+def _family_from_cfg(cfg: dict[str, Any]):
+    """The family object an export describes (cfg.json of this version, or of TopK runs before it)."""
+    from saejax.config import base_config, set_value
+    from saejax.errors import ConfigError
+    from saejax.models import FAMILIES, get_family
+
+    name = cfg.get("family")
+    if name not in FAMILIES:
+        raise ConfigError(f"cfg.json names family {name!r}, which this saejax does not have; "
+                          f"the families are: {', '.join(sorted(FAMILIES))}")
+    config = base_config()
+    set_value(config, "sae.family", name)
+    set_value(config, "sae.d", int(cfg["d"]))
+    set_value(config, "sae.n", int(cfg["n"]))
+    options = cfg.get("options")
+    if options is None:  # an export written before cfg.json carried the family's options
+        options = {key: cfg[key] for key in FAMILIES[name].defaults() if key in cfg}
+    for key, value in options.items():
+        set_value(config, f"sae.{name}.{key}", value)
+    config.lock()
+    return get_family(config)
+
+
+def load_sae(directory: str) -> SAE:
+    """The SAE exported into `directory` (sae.safetensors + cfg.json), ready to encode and decode."""
     from safetensors.numpy import load_file
 
     with open(os.path.join(directory, CONFIG_FILE)) as f:
         cfg = json.load(f)
-    return load_file(os.path.join(directory, WEIGHTS_FILE)), cfg
+    return SAE(load_file(os.path.join(directory, WEIGHTS_FILE)), cfg)

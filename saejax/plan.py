@@ -57,6 +57,7 @@ class Plan:
     compiled_flops_per_device: float  # XLA's count for one device's program (all branches of conditionals)
     largest_all_gather: int  # elements in the largest all-gathered array
     batch_by_latents: int  # elements of a per-device (B, n) pre-activation block
+    model: str = ""  # the family's description, e.g. "topk SAE d=768 n=16,384 k=32"
 
     @property
     def peak_bytes(self) -> int:
@@ -105,6 +106,7 @@ def make_plan(compiled, abstract_state, family, config, mesh) -> Plan:
         compiled_flops_per_device=float(cost.get("flops", 0.0)),
         largest_all_gather=largest,
         batch_by_latents=(config.data.batch_size // data_size) * (family.n // model_size),
+        model=family.describe(),
     )
 
 
@@ -115,7 +117,7 @@ def _gb(x: float) -> str:
 def format_plan(plan: Plan, config) -> str:
     sae, b = config.sae, plan.bytes_per_device
     lines = [
-        f"plan: {sae.family} SAE d={sae.d} n={sae.n:,} k={sae.k}, batch {config.data.batch_size:,} tokens",
+        f"plan: {plan.model}, batch {config.data.batch_size:,} tokens",
         f"  devices        {plan.num_devices} x {plan.platform} in {plan.num_processes} process(es); "
         f"mesh data={plan.mesh_shape['data']} x model={plan.mesh_shape['model']} "
         f"({sae.n // plan.mesh_shape['model']:,} latents and {config.data.batch_size // plan.mesh_shape['data']:,} tokens per device)",

@@ -20,12 +20,13 @@ from tqdm.auto import tqdm
 import saejax
 from saejax.algorithms import PARAMS, STEP, get_algorithm
 from saejax.checkpoint import Checkpointer
-from saejax.config import validate
+from saejax.config import active_tree, validate
 from saejax.data import check_finite, make_source
 from saejax.data.pipeline import BatchFeeder, device_batch, estimate_scale, host_batch
 from saejax.data.synthetic import SyntheticSource
 from saejax.errors import ConfigError, DataError, SaeJaxError, TrainingDivergedError
 from saejax.export import export_sae, to_host
+from saejax.inference import reconstruction_metrics
 from saejax.models import get_family
 from saejax.plan import batch_sharding, check_budget, compile_train_step, format_plan, make_plan
 from saejax.preemption import Preempted, PreemptionGuard
@@ -47,15 +48,29 @@ def log(message: str) -> None:
 
 def _get(tree: dict, dotted: str):
     for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
         tree = tree[part]
     return tree
 
 
+def _leaves(tree, prefix: str) -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, value in tree.items() for k, v in _leaves(value, f"{prefix}.{key}").items()}
+
+
 def check_resumable(saved_config: dict, config) -> None:
-    current = config.to_dict()
-    changed = [k for k in IDENTITY_KEYS if json.dumps(_get(saved_config, k), sort_keys=True) != json.dumps(_get(current, k), sort_keys=True)]
+    """Refuse to resume a checkpoint written with other identity keys; name the keys that differ."""
+    saved, current = active_tree(saved_config), active_tree(config)
+    before, now = {}, {}
+    for key in IDENTITY_KEYS:
+        before.update(_leaves(_get(saved, key), key))
+        now.update(_leaves(_get(current, key), key))
+    changed = [k for k in sorted(set(before) | set(now))
+               if json.dumps(before.get(k), sort_keys=True) != json.dumps(now.get(k), sort_keys=True)]
     if changed:
-        details = "; ".join(f"{k}: checkpoint {_get(saved_config, k)!r} vs now {_get(current, k)!r}" for k in changed)
+        details = "; ".join(f"{k}: checkpoint {before.get(k)!r} vs now {now.get(k)!r}" for k in changed)
         raise ConfigError(
             f"the workdir holds checkpoints of a different run ({details}). "
             "Use a fresh --workdir, or restore the original values to resume."
@@ -218,25 +233,17 @@ class _Run:
     # ----------------------------------------------------------------- wrap-up
 
     def evaluate(self, params) -> dict[str, float]:
+        """Held-out metrics through the family's inference encode/decode (as it will be used)."""
         batches = int(self.config.train.eval_batches)
-        if not batches:
-            return {}
-        no_dead = jnp.zeros((self.family.n,), bool)
-        eval_fn = jax.jit(lambda p, b: self.family.loss(p, b, no_dead, self.mesh)[1].metrics)
-        totals: dict[str, float] = {}
-        for i in range(batches):
-            sharding = batch_sharding(self.mesh)
-            batch = device_batch(host_batch(self.source, i, self.batch_size, self.scale, "eval", sharding),
-                                 self.batch_size, sharding)
-            for k, v in jax.device_get(eval_fn(params, batch)).items():
-                totals[k] = totals.get(k, 0.0) + float(v) / batches
-        totals.pop("auxk_loss", None)
-        totals["explained_variance"] = 1.0 - totals["nmse"]
-        return totals
+        sharding = batch_sharding(self.mesh)
+        stream = (device_batch(host_batch(self.source, i, self.batch_size, self.scale, "eval", sharding),
+                               self.batch_size, sharding) for i in range(batches))
+        return reconstruction_metrics(self.family, params, stream, self.mesh,
+                                      float(self.config.sae.dense_threshold))
 
     def finish(self) -> dict[str, Any]:
         state = self.state
-        params = self.algorithm.export_params(state)
+        params = self.algorithm.inference_params(state)
         eval_metrics = self.evaluate(params)
         tensors, cfg = self.family.export(params)
         steps = int(state[STEP])
@@ -257,6 +264,9 @@ class _Run:
             final_train = (read_metrics(metrics_path) or [{}])[-1]
         results = {
             "config": self.config.to_dict(),
+            "family": self.family.name,
+            "sparsity_control": self.family.sparsity_control(),
+            "l0": eval_metrics.get("l0", (final_train or {}).get("l0")),
             "steps": steps,
             "tokens_seen": steps * self.batch_size,
             "wall_time_s": meta["wall_time_s"],
@@ -296,6 +306,9 @@ def _shared_setup(configs) -> tuple[Any, Any]:
 class _GroupProgress:
     """One progress bar for a group; the postfix shows the run's metrics (or a summary of several)."""
 
+    SHOWN = (("nmse", "nmse", ".4f"), ("l0", "L0", ".1f"), ("dead_fraction", "dead", ".3f"),
+             ("dense_fraction", "dense", ".3f"))
+
     def __init__(self, config, total: int, initial: int, runs: int):
         self.runs = runs
         self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
@@ -307,13 +320,17 @@ class _GroupProgress:
         with_metrics = [r for r in active if r.last_metrics]
         if self.runs == 1 and with_metrics:
             run = with_metrics[0]
-            m = run.last_metrics
-            self.bar.set_postfix({"tok/s": f"{run.tokens_per_sec:,.0f}", "nmse": f"{m['nmse']:.4f}",
-                                  "L0": f"{m['l0']:.1f}", "dead": f"{m['dead_fraction']:.3f}"}, refresh=False)
+            postfix = {"tok/s": f"{run.tokens_per_sec:,.0f}"}
+            for key, label, form in self.SHOWN:  # a metric the family does not report is left out
+                if key in run.last_metrics:
+                    postfix[label] = format(run.last_metrics[key], form)
+            self.bar.set_postfix(postfix, refresh=False)
         elif with_metrics:
-            nmse = [r.last_metrics["nmse"] for r in with_metrics]
-            self.bar.set_postfix({"runs": f"{len(active)}/{self.runs}",
-                                  "nmse": f"{min(nmse):.4f}..{max(nmse):.4f}"}, refresh=False)
+            nmse = [r.last_metrics["nmse"] for r in with_metrics if "nmse" in r.last_metrics]
+            postfix = {"runs": f"{len(active)}/{self.runs}"}
+            if nmse:
+                postfix["nmse"] = f"{min(nmse):.4f}..{max(nmse):.4f}"
+            self.bar.set_postfix(postfix, refresh=False)
 
     def close(self) -> None:
         self.bar.close()

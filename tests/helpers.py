@@ -9,18 +9,18 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from saejax.config import base_config
+from saejax.config import base_config, family_key
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_config(**overrides):
-    """A tiny TopK config on synthetic data; overrides as dotted keys."""
+    """A tiny TopK config on synthetic data; overrides as dotted keys (`sae.k` = the family's k)."""
     config = base_config()
     config.sae.d = 16
     config.sae.n = 256
-    config.sae.k = 8
-    config.sae.k_aux = 16
+    config.sae.topk.k = 8
+    config.sae.topk.k_aux = 16
     config.sae.init_sample_rows = 512
     config.data.batch_size = 64
     config.data.synthetic.num_features = 64
@@ -36,6 +36,7 @@ def small_config(**overrides):
     config.mesh.data = 1
     config.mesh.model = 1
     for key, value in overrides.items():
+        key = family_key(config, key)
         node = config
         *parents, leaf = key.split(".")
         for p in parents:

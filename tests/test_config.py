@@ -21,7 +21,7 @@ def _write_config(tmp_path, body, name="my_config.py"):
 
 def test_builtin_default_loads_locked_with_its_values():
     config = load_config("default")
-    assert (config.sae.d, config.sae.n, config.sae.k) == (64, 1024, 8)
+    assert (config.sae.d, config.sae.n, config.sae.topk.k) == (64, 1024, 8)
     assert config.data.batch_size == 1024
     assert config.optim.lr == 1e-3
     assert config.is_locked
@@ -35,21 +35,21 @@ def test_builtin_names_are_listed():
 
 def test_variant_short_aliases_and_dotted_keys():
     config = load_config("default:n=2048,k=4")
-    assert (config.sae.n, config.sae.k) == (2048, 4)
+    assert (config.sae.n, config.sae.topk.k) == (2048, 4)
     assert config.sae.d == 64  # untouched
 
     config = load_config(
         "default:d=32, n=512 ,k=2,family=topk,steps=7,batch=256,lr=0.01,seed=3,data=2,model=4,"
         "path=/x.npy,sae.auxk_coef=0,data.normalize=false"
     )
-    assert (config.sae.d, config.sae.n, config.sae.k, config.sae.family) == (32, 512, 2, "topk")
+    assert (config.sae.d, config.sae.n, config.sae.topk.k, config.sae.family) == (32, 512, 2, "topk")
     assert config.train.steps == 7
     assert config.data.batch_size == 256
     assert config.optim.lr == 0.01 and isinstance(config.optim.lr, float)
     assert config.seed == 3
     assert (config.mesh.data, config.mesh.model) == (2, 4)
     assert config.data.path == "/x.npy"
-    assert config.sae.auxk_coef == 0.0
+    assert config.sae.topk.auxk_coef == 0.0
     assert config.data.normalize is False
 
 
@@ -58,7 +58,7 @@ def test_overrides_are_converted_to_the_key_type_and_win_over_the_variant():
         "default:k=4",
         [("sae.k", "6"), ("optim.lr", "3e-4"), ("data.normalize", "no"), ("train.steps", "1e3"), ("sae.family", "topk")],
     )
-    assert config.sae.k == 6 and isinstance(config.sae.k, int)
+    assert config.sae.topk.k == 6 and isinstance(config.sae.topk.k, int)
     assert config.optim.lr == pytest.approx(3e-4)
     assert config.data.normalize is False
     assert config.train.steps == 1000 and isinstance(config.train.steps, int)
@@ -75,9 +75,9 @@ def test_config_file_path_with_variant(tmp_path):
             return apply_variant(c, arg)
     """)
     config = load_config(path)
-    assert (config.sae.n, config.sae.k) == (4096, 32)
+    assert (config.sae.n, config.sae.topk.k) == (4096, 32)
     config = load_config(path + ":k=16", [("sae.d", "128")])
-    assert (config.sae.n, config.sae.k, config.sae.d) == (4096, 16, 128)
+    assert (config.sae.n, config.sae.topk.k, config.sae.d) == (4096, 16, 128)
     assert validate(config, 1) == (1, 1)
 
 
@@ -88,15 +88,15 @@ def test_config_file_without_argument_rejects_a_variant(tmp_path):
         def get_config():
             return base_config()
     """)
-    assert load_config(path).sae.k == 16
+    assert load_config(path).sae.topk.k == 16
     with pytest.raises(ConfigError, match=r"takes no variant, but 'k=4' was given"):
         load_config(path + ":k=4")
 
 
 def test_unknown_override_key_names_it_and_suggests_close_matches():
-    with pytest.raises(ConfigError, match=r"unknown config key 'sae\.kk'\. Did you mean 'k'\?") as info:
+    with pytest.raises(ConfigError, match=r"unknown config key 'sae\.kk'\. Did you mean 'k' \(sae\.topk\.k\)\?") as info:
         load_config("default", [("sae.kk", "3")])
-    assert "Known keys here: auxk_coef, d," in str(info.value)
+    assert "Known keys here: d, dead_tokens, dense_threshold, family," in str(info.value)
     with pytest.raises(ConfigError, match=r"unknown config key 'sea'\. Did you mean 'sae'\?"):
         load_config("default", [("sea.k", "3")])
     with pytest.raises(ConfigError, match=r"unknown config key 'optim\.learning_rate'"):
@@ -127,7 +127,7 @@ def test_config_file_adding_an_unknown_key_is_an_error(tmp_path):
             c.sae.kk = 5
             return c
     """)
-    with pytest.raises(ConfigError, match=r"unknown config key 'sae\.kk'\. Did you mean 'k'\?"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'sae\.kk'\. Did you mean 'k' \(sae\.topk\.k\)\?"):
         validate(load_config(path), 1)
 
 
@@ -151,15 +151,16 @@ def test_config_file_with_a_wrongly_typed_value_is_a_config_error(tmp_path):
             c.sae.k = "abc"
             return c
     """)
-    with pytest.raises(ConfigError, match=r"get_config\(\) in .*my_config\.py failed: TypeError"):
+    # `c.sae.k` is TopK's k in the layout before family groups: moved there, then type-checked.
+    with pytest.raises(ConfigError, match=r"config key 'sae\.topk\.k' expects int, got 'abc'"):
         load_config(path)
 
 
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("sae.k", "abc", r"config key 'sae\.k' expects int, got 'abc'"),
-        ("sae.k", "2.5", r"config key 'sae\.k' expects int, got '2\.5'"),
+        ("sae.k", "abc", r"config key 'sae\.topk\.k' expects int, got 'abc'"),
+        ("sae.topk.k", "2.5", r"config key 'sae\.topk\.k' expects int, got '2\.5'"),
         ("data.normalize", "maybe", r"config key 'data\.normalize' expects bool, got 'maybe': use true or false"),
         ("optim.lr", "fast", r"config key 'optim\.lr' expects float, got 'fast'"),
     ],
@@ -209,8 +210,8 @@ def test_valid_config_returns_the_mesh_shape():
 @pytest.mark.parametrize(
     "overrides, num_devices, message",
     [
-        ({"sae.k": 300}, 1, r"sae\.k=300 must be between 1 and sae\.n=256"),
-        ({"sae.k": 0}, 1, r"sae\.k=0 must be between 1 and sae\.n=256"),
+        ({"sae.k": 300}, 1, r"sae\.topk\.k=300 must be between 1 and sae\.n=256"),
+        ({"sae.topk.k": 0}, 1, r"sae\.topk\.k=0 must be between 1 and sae\.n=256"),
         ({"sae.n": 100, "sae.k": 4, "mesh.model": 8}, 8,
          r"sae\.n=100 is not divisible by the model axis \(8 devices\); choose n as a multiple of 8 or change mesh\.model"),
         ({"data.batch_size": 100, "mesh.data": 8}, 8,
@@ -222,7 +223,7 @@ def test_valid_config_returns_the_mesh_shape():
         ({"mesh.data": 0, "mesh.model": 1}, 8, r"mesh sizes must be positive \(or -1\), got data=0, model=1"),
         ({"optim.lr": -1e-3}, 1, r"optim\.lr=-0\.001 must be a positive number"),
         ({"optim.lr": float("nan")}, 1, r"optim\.lr=nan must be a positive number"),
-        ({"sae.family": "relu_l1_typo"}, 1, r"sae\.family='relu_l1_typo' is not one of \["),
+        ({"sae.family": "relu_l1_typo"}, 1, r"sae\.family='relu_l1_typo' is not a family; the families are: .*topk"),
         ({"data.source": "npy"}, 1, r"data\.source='npy' needs data\.path=/path/to/activations\.npy"),
         ({"data.source": "parquet"}, 1, r"data\.source='parquet' is not one of \['npy', 'store', 'synthetic'\]"),
         ({"train.compute_dtype": "float16"}, 1, r"train\.compute_dtype='float16' is not one of \('float32', 'bfloat16'\)"),
@@ -262,9 +263,9 @@ EIGHT_DEVICES = {"JAX_NUM_CPU_DEVICES": "8"}
 @pytest.mark.parametrize(
     "args, env, message",
     [
-        (["--config.sae.kk=5"], None, "unknown config key 'sae.kk'. Did you mean 'k'?"),
+        (["--config.sae.kk=5"], None, "unknown config key 'sae.kk'. Did you mean 'k' (sae.topk.k)?"),
         (["--config.data.normalize", "maybe"], None, "config key 'data.normalize' expects bool, got 'maybe': use true or false"),
-        (["--config", "default:k=4", "--config.sae.k=5000"], None, "sae.k=5000 must be between 1 and sae.n=1024"),
+        (["--config", "default:k=4", "--config.sae.topk.k=5000"], None, "sae.topk.k=5000 must be between 1 and sae.n=1024"),
         # One CPU device in the subprocess: a 3-way model axis cannot even be built.
         (["--config.mesh.model=3"], None, "mesh data=1 x model=3 needs 3 devices, but only 1 are available"),
         # Eight devices: the mesh fits, but n=1024 does not split three ways.
@@ -302,9 +303,9 @@ def test_cli_unrecognised_argument_is_a_usage_error(tmp_path, capsys):
     assert info.value.code == 2
     assert "error: unrecognised argument '--bogus'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
-        cli.main(["train", "--workdir", str(tmp_path / "w"), "--config.sae.k"])
+        cli.main(["train", "--workdir", str(tmp_path / "w"), "--config.sae.topk.k"])
     assert info.value.code == 2
-    assert "--config.sae.k needs a value: --config.sae.k=VALUE" in capsys.readouterr().err
+    assert "--config.sae.topk.k needs a value: --config.sae.topk.k=VALUE" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         cli.main(["train"])  # --workdir is required
     assert info.value.code == 2

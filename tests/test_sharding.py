@@ -10,10 +10,15 @@ from saejax.algorithms import get_algorithm
 from saejax.data import make_source
 from saejax.data.pipeline import device_batch, host_batch
 from saejax.models import get_family
+from saejax.models.base import LossContext
 from saejax.plan import all_gather_shapes, batch_sharding, compile_train_step
 from saejax.sharding import make_mesh, named
 
 MESHES = [(1, 8), (2, 4), (8, 1)]
+
+
+def _ctx(dead, mesh):
+    return LossContext(step=jnp.zeros((), jnp.int32), dead=dead, mesh=mesh)
 
 
 def _setup(config, mesh_shape):
@@ -44,7 +49,7 @@ def test_loss_and_gradients_equal_dense_reference(mesh_shape, multi_topk, dead_e
     mesh, family, _ = _setup(config, mesh_shape)
     params, placed, x = _params_and_batch(config, family, mesh)
     dead = (jnp.arange(family.n) % max(dead_every, 1) == 0) & (dead_every > 0)
-    loss_fn = jax.jit(jax.value_and_grad(lambda p, b, d: family.loss(p, b, d, mesh)[0]))
+    loss_fn = jax.jit(jax.value_and_grad(lambda p, b, d: family.loss(p, {}, b, _ctx(d, mesh))[0]))
     loss, grads = loss_fn(placed, jax.device_put(x, batch_sharding(mesh)), jax.device_put(dead, named(mesh, ("latent",))))
     ref_loss, ref_grads = jax.value_and_grad(dense_reference_loss)(
         params, jnp.asarray(x), dead, family.k, family.k_aux, family.auxk_coef,
@@ -59,7 +64,7 @@ def test_auxk_is_zero_not_nan_when_nothing_is_dead():
     mesh, family, _ = _setup(config, (1, 8))
     _, placed, x = _params_and_batch(config, family, mesh)
     no_dead = jax.device_put(jnp.zeros(family.n, bool), named(mesh, ("latent",)))
-    (loss, out), grads = jax.jit(jax.value_and_grad(lambda p: family.loss(p, x, no_dead, mesh), has_aux=True))(placed)
+    (loss, out), grads = jax.jit(jax.value_and_grad(lambda p: family.loss(p, {}, x, _ctx(no_dead, mesh)), has_aux=True))(placed)
     assert float(out.metrics["auxk_loss"]) == 0.0
     assert float(loss) == pytest.approx(float(out.metrics["nmse"]))
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads.values())
@@ -146,8 +151,8 @@ def test_bfloat16_compute_keeps_float32_params_and_loss():
     family16 = get_family(config16)
     _, placed, x = _params_and_batch(config32, family32, mesh)
     no_dead = jax.device_put(jnp.zeros(family32.n, bool), named(mesh, ("latent",)))
-    loss32, grads32 = jax.jit(jax.value_and_grad(lambda p: family32.loss(p, x, no_dead, mesh)[0]))(placed)
-    loss16, grads16 = jax.jit(jax.value_and_grad(lambda p: family16.loss(p, x, no_dead, mesh)[0]))(placed)
+    loss32, grads32 = jax.jit(jax.value_and_grad(lambda p: family32.loss(p, {}, x, _ctx(no_dead, mesh))[0]))(placed)
+    loss16, grads16 = jax.jit(jax.value_and_grad(lambda p: family16.loss(p, {}, x, _ctx(no_dead, mesh))[0]))(placed)
     assert loss16.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in grads16.values())
     # bf16 has an 8-bit mantissa: pre-activations agree to ~1e-2 relative.
     np.testing.assert_allclose(loss16, loss32, rtol=3e-2)

@@ -76,7 +76,7 @@ def test_specs_name_hash_and_validate_every_point(tmp_path):
     study = load_study(write_study(tmp_path))
     grid = specs(study, str(tmp_path / "w"))
     assert [s.name.rsplit("-", 1)[0] for s in grid] == ["n64-k4", "n64-k8", "n128-k4", "n128-k8"]
-    assert [(s.config.sae.n, s.config.sae.k) for s in grid] == [(64, 4), (64, 8), (128, 4), (128, 8)]
+    assert [(s.config.sae.n, s.config.sae.topk.k) for s in grid] == [(64, 4), (64, 8), (128, 4), (128, 8)]
     assert all(s.run_dir == str(tmp_path / "w" / "runs" / s.name) for s in grid)
     assert run_name({"sae.n": 64, "optim.lr": 0.001}, "abcdef123456") == "n64-lr0.001-abcdef12"
     # The hash is stable, ignores progress bars and checkpoint cadence, follows every computing key.
@@ -258,5 +258,5 @@ def test_shipped_studies_are_valid_grids(tmp_path, study, devices, count):
         assert specs(loaded, str(tmp_path / "w"))[0].config.data.path == str(tmp_path / "w" / "acts")
     if study == "gpt2_small.py":
         assert {s.config.sae.n for s in grid} == {2**p for p in range(15, 21)}
-        assert {s.config.sae.k for s in grid} == {8, 16, 32, 64, 128}
+        assert {s.config.sae.topk.k for s in grid} == {8, 16, 32, 64, 128}
 

@@ -27,7 +27,7 @@ def test_default_config_recovers_the_true_dictionary(tmp_path):
     config = load_config("default", [("mesh.model", "1"), ("train.progress", "false")])
     results = train_and_evaluate(config, str(tmp_path))
     assert results["feature_recovery_mmcs"] >= 0.9
-    assert results["eval_metrics"]["l0"] == pytest.approx(config.sae.k, abs=0.1)
+    assert results["eval_metrics"]["l0"] == pytest.approx(config.sae.topk.k, abs=0.1)
     assert results["final_train_metrics"]["dead_fraction"] == 0.0
     assert results["steps"] == 1500 and results["tokens_seen"] == 1500 * 1024
     # The exported SAE reproduces the evaluation with plain numpy.

@@ -7,13 +7,11 @@ import jax.numpy as jnp
 import optax
 
 from saejax.algorithms.base import PARAMS, STEP, TrainAlgorithm
-from saejax.config import learning_rate
 from saejax.sharding import named, replicated
 
 
-def lr_schedule(config) -> optax.Schedule:
-    """Linear warm-up over optim.warmup_steps, then constant."""
-    peak, warmup = learning_rate(config), int(config.optim.warmup_steps)
+def lr_schedule(peak: float, warmup: int) -> optax.Schedule:
+    """Linear warm-up over `warmup` steps to `peak`, then constant."""
     if warmup == 0:
         return optax.constant_schedule(peak)
     return optax.join_schedules(
@@ -26,12 +24,11 @@ class Adam(TrainAlgorithm):
 
     def __init__(self, family, config, mesh):
         super().__init__(family, config, mesh)
-        self.schedule = lr_schedule(config)
+        self.schedule = lr_schedule(self.learning_rate(), int(config.optim.warmup_steps))
         self.optimizer = optax.chain(
             optax.scale_by_adam(b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps),
             optax.scale_by_learning_rate(self.schedule),
         )
-        self.dead_tokens = int(config.sae.dead_tokens)
         self.ema_decay = float(config.optim.ema_decay)
 
     def init_state(self, rng, sample):
@@ -40,8 +37,7 @@ class Adam(TrainAlgorithm):
             STEP: jnp.zeros((), jnp.int32),
             PARAMS: params,
             "opt_state": self.optimizer.init(params),
-            # Tokens since each latent last fired, saturating at dead_tokens.
-            "tokens_since_fired": jnp.zeros((self.family.n,), jnp.int32),
+            **self.init_shared(params, sample),
         }
         if self.ema_decay:
             state["ema_params"] = params
@@ -59,7 +55,7 @@ class Adam(TrainAlgorithm):
                 params,
                 transform_non_params=lambda _: replicated(self.mesh),
             ),
-            "tokens_since_fired": named(self.mesh, ("latent",)),
+            **self.shared_shardings(abstract_state),
         }
         if "ema_params" in abstract_state:
             shardings["ema_params"] = params
@@ -67,22 +63,19 @@ class Adam(TrainAlgorithm):
 
     def train_step(self, state, batch):
         params = state[PARAMS]
-        dead = state["tokens_since_fired"] >= self.dead_tokens
         (loss, out), grads = jax.value_and_grad(self.family.loss, has_aux=True)(
-            params, batch, dead, self.mesh
+            params, self.family_state(state), batch, self.loss_context(state)
         )
         grads = self.family.project_gradients(grads, params)
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], params)
         new_params = self.family.apply_constraints(optax.apply_updates(params, updates))
 
-        since_fired = jnp.where(
-            out.fired, 0, jnp.minimum(state["tokens_since_fired"] + batch.shape[0], self.dead_tokens)
-        )
+        shared, firing = self.update_shared(state, out, batch.shape[0])
         new_state = {
             STEP: state[STEP] + 1,
             PARAMS: new_params,
             "opt_state": opt_state,
-            "tokens_since_fired": since_fired,
+            **shared,
         }
         if self.ema_decay:
             new_state["ema_params"] = jax.tree.map(
@@ -92,7 +85,7 @@ class Adam(TrainAlgorithm):
             **out.metrics,
             "loss": loss,
             "grad_norm": optax.tree.norm(grads),
-            "dead_fraction": jnp.mean((since_fired >= self.dead_tokens).astype(jnp.float32)),
+            **firing,
             "lr": jnp.asarray(self.schedule(state[STEP]), jnp.float32),
         }
         return new_state, metrics

@@ -8,18 +8,21 @@ Loss: nmse(x, x_hat) [+ multi_topk_coef * nmse at multi_topk_factor*k]
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax.sharding import Mesh, PartitionSpec as P
+from ml_collections import config_dict
 
 from saejax.models.base import (
     LossOutput,
     ParamSpec,
     SAEFamily,
+    SparseCodes,
     normalized_mse,
     remove_parallel_component,
+    require,
     unit_rows,
 )
 from saejax.ops import compact
@@ -34,21 +37,53 @@ def default_k_aux(d: int) -> int:
     return 2 ** max(0, round(math.log2(max(d, 2) / 2)))
 
 
+def auxk_defaults(group: ml_collections.ConfigDict) -> None:
+    """AuxK's keys (shared by the families that revive dead latents the way Gao et al. do)."""
+    group.k_aux = config_dict.placeholder(int)  # AuxK latents; default: power of two near d/2
+    group.auxk_coef = 1 / 32  # 0 disables AuxK
+
+
+def check_auxk(options, prefix: str) -> None:
+    require(options.k_aux is None or options.k_aux >= 1, f"{prefix}.k_aux={options.k_aux} must be >= 1 (or unset)")
+    require(options.auxk_coef >= 0, f"{prefix}.auxk_coef={options.auxk_coef} must be >= 0 (0 disables AuxK)")
+
+
+def resolve_k_aux(options, d: int, n: int) -> int:
+    """AuxK's k_aux (0 when AuxK is off), capped by n."""
+    k_aux = options.k_aux if options.k_aux is not None else default_k_aux(d)
+    return min(int(k_aux), n) if options.auxk_coef > 0 else 0
+
+
 class TopK(SAEFamily):
     name = "topk"
+    sparsity_key = "k"
+    has_k = True
+
+    @classmethod
+    def defaults(cls):
+        g = ml_collections.ConfigDict()
+        g.k = 16  # active latents per token
+        auxk_defaults(g)
+        g.multi_topk = False  # add multi_topk_coef * nmse at multi_topk_factor * k
+        g.multi_topk_factor = 4
+        g.multi_topk_coef = 1 / 8
+        return g
+
+    @classmethod
+    def check(cls, options, config):
+        n = config.sae.n
+        require(1 <= options.k <= n, f"sae.topk.k={options.k} must be between 1 and sae.n={n}")
+        check_auxk(options, "sae.topk")
+        require(options.multi_topk_factor >= 1, f"sae.topk.multi_topk_factor={options.multi_topk_factor} must be >= 1")
 
     def __init__(self, config):
         super().__init__(config)
-        sae = config.sae
-        self.k = int(sae.k)
-        self.k_multi = min(self.n, int(sae.multi_topk_factor) * self.k) if sae.multi_topk else self.k
-        self.multi_coef = float(sae.multi_topk_coef) if sae.multi_topk else 0.0
-        self.auxk_coef = float(sae.auxk_coef)
-        k_aux = sae.k_aux if sae.k_aux is not None else default_k_aux(self.d)
-        self.k_aux = min(int(k_aux), self.n) if self.auxk_coef > 0 else 0
-        self.fire_threshold = float(sae.fire_threshold)
-        self.compute_dtype = str(config.train.compute_dtype)
-        self.topk_impl = str(config.train.topk_impl)
+        o = self.options
+        self.k = int(o.k)
+        self.k_multi = min(self.n, int(o.multi_topk_factor) * self.k) if o.multi_topk else self.k
+        self.multi_coef = float(o.multi_topk_coef) if o.multi_topk else 0.0
+        self.auxk_coef = float(o.auxk_coef)
+        self.k_aux = resolve_k_aux(o, self.d, self.n)
 
     # ------------------------------------------------------------------ params
 
@@ -118,8 +153,8 @@ class TopK(SAEFamily):
         _, owned = lp.own_slots(indices_k, n_local)
         active = jnp.sum((owned & (codes_k > 0)).astype(jnp.float32))
         active = jax.lax.psum(active, (DATA_AXIS, MODEL_AXIS))
-        fired = lp.fired_latents(codes_k, indices_k, n_local, self.fire_threshold)
-        return recon, recon_multi, aux_recon, active, fired
+        counts = lp.fire_counts(codes_k, indices_k, n_local, self.fire_threshold)
+        return recon, recon_multi, aux_recon, active, counts
 
     def forward(self, params, x, dead, mesh: Mesh):
         """Reconstructions (k, multi-k, AuxK residual fit), active-latent count, fired mask."""
@@ -134,8 +169,9 @@ class TopK(SAEFamily):
         dead_count = jnp.max(jnp.sum(dead.reshape(mesh.shape[MODEL_AXIS], -1), axis=1, dtype=jnp.int32))
         return sharded(x, params["W_enc"], params["b_enc"], params["W_dec"], params["b_pre"], dead, dead_count)
 
-    def loss(self, params, batch, dead, mesh):
-        recon, recon_multi, aux_recon, active, fired = self.forward(params, batch, dead, mesh)
+    def loss(self, params, state, batch, ctx):
+        dead = ctx.dead
+        recon, recon_multi, aux_recon, active, counts = self.forward(params, batch, dead, ctx.mesh)
         nmse = normalized_mse(batch, recon)
         loss = nmse
         metrics = {"nmse": nmse, "l0": active / batch.shape[0]}
@@ -150,7 +186,7 @@ class TopK(SAEFamily):
             loss = loss + self.auxk_coef * auxk
         else:
             metrics["auxk_loss"] = jnp.zeros((), jnp.float32)
-        return loss, LossOutput(metrics=metrics, fired=fired)
+        return loss, LossOutput(metrics=metrics, fire_counts=counts)
 
     # ------------------------------------------------------------------ accounting / export
 
@@ -166,23 +202,36 @@ class TopK(SAEFamily):
         optimizer = 2 * n * d * 12  # gradient projection, Adam and renormalisation (elementwise)
         return float(batch_size * per_token + optimizer)
 
-    def export(self, params):
-        tensors = {name: params[name] for name in ("W_enc", "b_enc", "W_dec", "b_pre")}
-        cfg: dict[str, Any] = {
-            "family": self.name,
-            "d": self.d,
-            "n": self.n,
-            "k": self.k,
-            "activation": "topk_relu",
-            "encode": "z = relu(topk_k((x - b_pre) @ W_enc + b_enc))",
-            "decode": "x_hat = z @ W_dec + b_pre",
-            "layout": {
-                "W_enc": ["d", "n"],
-                "b_enc": ["n"],
-                "W_dec": ["n", "d"],
-                "b_pre": ["d"],
-            },
-        }
-        if self.multi_coef:
-            cfg["multi_topk_k"] = self.k_multi
-        return tensors, cfg
+    # ------------------------------------------------------------------ inference
+
+    def _encode_shard(self, x, w_enc, b_enc, b_pre):
+        n_local = w_enc.shape[1]
+        encode_select = make_encode_select(min(self.k, n_local), 0, self.compute_dtype, self.topk_impl)
+        no_dead = jnp.zeros((n_local,), bool)
+        values, indices, _, _ = encode_select(lp.vary(x), lp.vary(b_pre), lp.vary(w_enc), lp.vary(b_enc),
+                                              no_dead, jnp.zeros((), jnp.int32))
+        values, indices = lp.global_top_k(values, indices + lp.latent_offset(n_local), self.k, self.topk_impl)
+        # Every device of a model group holds the same selection; pmax (a no-op on equal values)
+        # makes that visible to shard_map's replication check.
+        return jax.lax.pmax(jax.nn.relu(values), MODEL_AXIS), jax.lax.pmax(indices, MODEL_AXIS)
+
+    def encode(self, params, x, mesh):
+        batch, latent = spec(("batch", None)), spec(("latent",))
+        values, indices = jax.shard_map(
+            self._encode_shard, mesh=mesh,
+            in_specs=(batch, spec(("embed", "latent")), latent, P()), out_specs=(batch, batch),
+        )(x, params["W_enc"], params["b_enc"], params["b_pre"])
+        return SparseCodes(values, indices)
+
+    def decode(self, params, codes, mesh):
+        batch = spec(("batch", None))
+        decode = jax.shard_map(
+            lambda v, i, w: lp.decode_owned(v, i, w), mesh=mesh,
+            in_specs=(batch, batch, spec(("latent", "embed"))), out_specs=batch,
+        )
+        return decode(codes.values, codes.indices, params["W_dec"]) + params["b_pre"]
+
+    def activation(self):
+        return {"kind": "topk", "k": self.k, "postact": "relu",
+                "encode": "z = relu(topk_k((x - b_pre) @ W_enc + b_enc))",
+                "decode": "x_hat = z @ W_dec + b_pre"}

@@ -65,9 +65,9 @@ def decode_owned_block(codes, global_indices, w_dec_local, member_ids):
     return jax.lax.psum(block @ rows, MODEL_AXIS)
 
 
-def fired_latents(codes, global_indices, num_local: int, threshold: float):
-    """(num_local,) bool: which of this device's latents fired (> threshold) anywhere in the batch."""
+def fire_counts(codes, global_indices, num_local: int, threshold: float):
+    """(num_local,) int32: on how many tokens of the global batch each of this device's latents fired."""
     local, owned = own_slots(global_indices, num_local)
     hits = (owned & (codes > threshold)).astype(jnp.int32)
     counts = jnp.zeros((num_local,), jnp.int32).at[local.reshape(-1)].add(hits.reshape(-1))
-    return jax.lax.psum(counts, DATA_AXIS) > 0
+    return jax.lax.psum(counts, DATA_AXIS)

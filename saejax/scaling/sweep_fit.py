@@ -95,6 +95,7 @@ def fit_sweep(results: SweepResults, *, metric: str = DEFAULT_METRIC, n_bootstra
     """
     check_losses(results.column(metric), metric=metric, labels=results.labels)
     planned, notes = plan_fits(results)
+    notes = [*results.notes, *notes]
     if not planned:
         raise ConfigError(f"no scaling law can be fitted to {results.path}: " + "; ".join(notes)
                           + ". Run more sizes or seeds (L(n) needs 4 runs at 3 sizes n for one k)")

@@ -57,6 +57,7 @@ class SweepResults:
     path: str
     runs: list[dict[str, Any]]
     failed: list[dict[str, Any]]
+    notes: tuple[str, ...] = ()  # how the table was read, e.g. which runs' k axis is their measured L0
 
     def __len__(self) -> int:
         return len(self.runs)
@@ -89,7 +90,7 @@ class SweepResults:
     def select(self, **where: float) -> SweepResults:
         """The finished runs whose columns equal the given values, e.g. select(k=8)."""
         rows = [row for row in self.runs if all(_number(row.get(key)) == float(value) for key, value in where.items())]
-        return SweepResults(self.path, rows, [])
+        return SweepResults(self.path, rows, [], self.notes)
 
     def mean_by(self, keys: tuple[str, ...], name: str) -> dict[tuple[float, ...], float]:
         """Mean of a column over runs (seeds) sharing the values of `keys`; NaNs ignored, all-NaN groups left out."""
@@ -125,8 +126,28 @@ def load_results(path: str) -> SweepResults:
         hint = f" (first error: {first_error})" if first_error else ""
         raise DataError(f"no finished runs in {path}: {detail}{hint}; "
                         "fix the cause and run `saejax sweep STUDY --workdir DIR` again")
-    for column in ("n", "k"):
-        missing = [str(row.get("run", "?")) for row in runs if not math.isfinite(_number(row.get(column)))]
-        if missing:
-            raise DataError(f"run {missing[0]} in {path} has no numeric {column!r}: every row needs n and k")
-    return SweepResults(path, runs, failed)
+    missing = [str(row.get("run", "?")) for row in runs if not math.isfinite(_number(row.get("n")))]
+    if missing:
+        raise DataError(f"run {missing[0]} in {path} has no numeric 'n': every row needs n")
+    runs, notes = _k_axis(runs, path)
+    return SweepResults(path, runs, failed, notes)
+
+
+def _k_axis(runs: list[dict[str, Any]], path: str) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+    """The k of each run: the one its family declares, else its measured L0 (said in a note)."""
+    by_family: dict[str, int] = {}
+    placed = []
+    for row in runs:
+        if math.isfinite(_number(row.get("k"))):
+            placed.append(row)
+            continue
+        l0 = _number(row.get("l0"))
+        if not math.isfinite(l0):
+            raise DataError(f"run {row.get('run', '?')} in {path} has neither a numeric 'k' nor a measured "
+                            "'l0': every row needs n and one of them")
+        family = str(row.get("family") or "?")
+        by_family[family] = by_family.get(family, 0) + 1
+        placed.append({**row, "k": l0, "k_source": "measured l0"})
+    notes = tuple(f"{count} run(s) of family {family!r}, which declares no k, are placed on the k axis at "
+                  f"their measured L0" for family, count in sorted(by_family.items()))
+    return placed, notes

@@ -22,7 +22,7 @@ import os
 import re
 from typing import Any, Sequence
 
-from saejax.config import _check_schema, base_config, set_value, validate
+from saejax.config import _check_schema, _migrate_config, active_tree, base_config, set_value, validate
 from saejax.errors import ConfigError
 from saejax.sweep import hyper
 
@@ -79,8 +79,12 @@ def load_study(path: str) -> Study:
 
 
 def config_hash(config, workdir: str) -> str:
-    """sha256 of the config that defines the run, with paths inside the sweep made relative."""
-    tree = config.to_dict()
+    """sha256 of the config that defines the run, with paths inside the sweep made relative.
+
+    Only the groups the run uses count (`saejax.config.active_tree`), so adding a
+    family, source or algorithm renames no existing run.
+    """
+    tree = active_tree(config)
     for dotted in UNHASHED_KEYS:
         *parents, leaf = dotted.split(".")
         node = tree
@@ -124,6 +128,7 @@ def base(study: Study, overrides: Sequence[tuple[str, str]]):
         raise
     except Exception as e:
         raise ConfigError(f"get_config() in {study.path} failed: {type(e).__name__}: {e}") from e
+    config = _migrate_config(config)
     _check_schema(config, base_config())
     for key, value in overrides:
         set_value(config, key, value)

@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any, Iterator, Sequence
 
+from saejax.config import active_tree
 from saejax.export import write_json_atomic, write_text_atomic
 from saejax.results import read_results
 from saejax.sweep.study import RunSpec
@@ -24,8 +25,9 @@ TABLE_JSONL = "results.jsonl"
 TABLE_CSV = "results.csv"
 FAILURE_FILE = "failure.json"
 RUN_CONFIG_FILE = "config.json"
-COLUMNS = ("run", "status", "family", "n", "k", "seed", "tokens", "steps", "nmse", "train_nmse", "l0",
-           "dead_fraction", "explained_variance", "flops", "wall_time_s", "config_hash", "error", "run_dir", "point")
+COLUMNS = ("run", "status", "family", "n", "k", "sparsity_control", "sparsity_value", "seed", "tokens", "steps",
+           "nmse", "train_nmse", "l0", "dead_fraction", "dense_fraction", "explained_variance", "flops",
+           "wall_time_s", "config_hash", "error", "run_dir", "point")
 
 
 def finished(spec: RunSpec) -> dict[str, Any] | None:
@@ -54,19 +56,43 @@ def clear_failure(run_dir: str) -> None:
         os.remove(os.path.join(run_dir, FAILURE_FILE))
 
 
+def declared_sparsity(config) -> dict[str, Any]:
+    """What a run's family declares as its sparsity control, from its config (results.json has it too)."""
+    from saejax.models import FAMILIES
+
+    family = FAMILIES[config.sae.family]
+    key = family.sparsity_key
+    return {"name": key, "value": config.sae[config.sae.family][key], "is_k": family.has_k}
+
+
+def _sparsity_columns(control: dict[str, Any]) -> dict[str, Any]:
+    return {"sparsity_control": control["name"], "sparsity_value": control["value"],
+            "k": int(control["value"]) if control.get("is_k") else None}
+
+
 def _row(spec: RunSpec, workdir: str) -> dict[str, Any] | None:
     config = spec.config
     row: dict[str, Any] = {column: None for column in COLUMNS}
-    row.update(run=spec.name, family=config.sae.family, n=int(config.sae.n), k=int(config.sae.k),
-               seed=int(config.seed), config_hash=spec.config_hash, point=spec.point,
-               run_dir=os.path.relpath(spec.run_dir, workdir))
+    row.update(run=spec.name, family=config.sae.family, n=int(config.sae.n), seed=int(config.seed),
+               config_hash=spec.config_hash, point=spec.point, run_dir=os.path.relpath(spec.run_dir, workdir),
+               **_sparsity_columns(declared_sparsity(config)))
     results = finished(spec)
     if results is not None:
+        # The row reports what the run declared and measured (results.json), not today's config.
         train = results.get("final_train_metrics") or {}
         held_out = results.get("eval_metrics") or {}
-        row.update(status="done", tokens=results["tokens_seen"], steps=results["steps"],
+        saved = active_tree(results.get("config") or {}).get("sae", {})
+        control = results.get("sparsity_control")
+        if control is None and "k" in saved:  # a TopK run written before results declared their control
+            control = {"name": "k", "value": saved["k"], "is_k": True}
+        if control is not None:
+            row.update(_sparsity_columns(control))
+        row.update(status="done", family=results.get("family", saved.get("family", row["family"])),
+                   tokens=results["tokens_seen"], steps=results["steps"],
                    nmse=held_out.get("nmse", train.get("nmse")), train_nmse=train.get("nmse"),
-                   l0=held_out.get("l0", train.get("l0")), dead_fraction=train.get("dead_fraction"),
+                   l0=results.get("l0", held_out.get("l0", train.get("l0"))),
+                   dead_fraction=train.get("dead_fraction"),
+                   dense_fraction=held_out.get("dense_fraction", train.get("dense_fraction")),
                    explained_variance=held_out.get("explained_variance"),
                    flops=results.get("total_flops"), wall_time_s=results.get("wall_time_s"))
         return row
