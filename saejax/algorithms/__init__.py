@@ -1,7 +1,7 @@
 """Training algorithms by config name (`train.algorithm`). A new one: one file + one line here."""
 
 from saejax.algorithms.adam import Adam
-from saejax.algorithms.base import PARAMS, STEP, State, TrainAlgorithm
+from saejax.algorithms.base import FAMILY_STATE, FIRING, PARAMS, STEP, State, TrainAlgorithm
 
 ALGORITHMS: dict[str, type[TrainAlgorithm]] = {
     Adam.name: Adam,
@@ -12,4 +12,4 @@ def get_algorithm(family, config, mesh) -> TrainAlgorithm:
     return ALGORITHMS[config.train.algorithm](family, config, mesh)
 
 
-__all__ = ["ALGORITHMS", "PARAMS", "STEP", "State", "TrainAlgorithm", "get_algorithm"]
+__all__ = ["ALGORITHMS", "FAMILY_STATE", "FIRING", "PARAMS", "STEP", "State", "TrainAlgorithm", "get_algorithm"]

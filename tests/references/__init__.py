@@ -1,0 +1,13 @@
+"""Dense single-device references, one module per SAE family (tests/test_families.py uses them).
+
+Each module `<family>.py` defines
+
+  OVERRIDES        dotted config keys on top of helpers.small_config for this family
+  RECOVERY         the least feature recovery (mean max cosine) expected from the defaults
+  perturb(params, state, rng) -> (params, state)
+                   optional: move parameters off their init so every term of the loss is exercised
+  reference(family, params, state, x, step, dead) -> {"loss", "state", "fire_counts"}
+                   the loss written the obvious way: dense codes, plain jnp, one device
+
+A new family without a module here fails `test_every_family_has_a_reference`.
+"""
