@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 import saejax
 from saejax.algorithms import PARAMS, STEP, get_algorithm
 from saejax.checkpoint import Checkpointer
-from saejax.config import active_tree, validate
+from saejax.config import active_tree, family_key, validate
 from saejax.data import check_finite, make_source
 from saejax.data.pipeline import BatchFeeder, device_batch, estimate_scale, host_batch
 from saejax.data.synthetic import SyntheticSource
@@ -70,7 +70,8 @@ def check_resumable(saved_config: dict, config) -> None:
     changed = [k for k in sorted(set(before) | set(now))
                if json.dumps(before.get(k), sort_keys=True) != json.dumps(now.get(k), sort_keys=True)]
     if changed:
-        details = "; ".join(f"{k}: checkpoint {before.get(k)!r} vs now {now.get(k)!r}" for k in changed)
+        details = "; ".join(f"{family_key(config, k)}: checkpoint {before.get(k)!r} vs now {now.get(k)!r}"
+                            for k in changed)
         raise ConfigError(
             f"the workdir holds checkpoints of a different run ({details}). "
             "Use a fresh --workdir, or restore the original values to resume."
