@@ -1,11 +1,12 @@
-"""`saejax` command line: harvest, train, plan, store, sweep, fit.
+"""`saejax` command line: harvest, train, plan, store, sweep, fit, frontier.
 
   saejax harvest --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] --store DIR
   saejax train   --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] --workdir DIR
   saejax plan    --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] [--devices N]
   saejax store   DIR
   saejax sweep   STUDY.py --workdir DIR [--parallel N] [--one-pass] [--point I] [--list]
-  saejax fit     SWEEP_DIR [--metric nmse] [--bootstrap 1000] [--out DIR]
+  saejax fit     SWEEP_DIR [--metric nmse] [--bootstrap 1000] [--family NAME] [--out DIR]
+  saejax frontier SWEEP_DIR [--metric nmse] [--out DIR]
 
 CONFIG is a path to a Python file with get_config(), or the name of a
 built-in config: for train and plan default, minilm, npy, gpt2_small,
@@ -71,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_sweep_arguments(commands.add_parser("sweep", help="run every point of a study's n x k grid (idempotent)"))
     add_fit_arguments(commands.add_parser("fit", help="fit scaling laws to a sweep's results; print a table, write plots"))
+    from saejax.scaling.frontier import add_arguments as add_frontier_arguments
+
+    add_frontier_arguments(commands.add_parser(
+        "frontier", help="every family of a sweep on one nmse-L0 frontier: a plot and a table"))
     return parser
 
 
@@ -164,13 +169,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     overrides = _split_overrides(extra, parser)
     try:
-        if args.command in ("store", "fit"):
+        if args.command in ("store", "fit", "frontier"):
             if overrides:
                 parser.error(f"saejax {args.command} takes no --config overrides")
             if args.command == "fit":
                 from saejax.scaling.command import main as fit_main
 
                 return fit_main(args)
+            if args.command == "frontier":
+                from saejax.scaling.frontier import main as frontier_main
+
+                return frontier_main(args)
             return _store(args)
         if args.command == "train":
             # Multi-host jobs (SLURM, TPU VM, explicit coordinator): join before JAX picks a backend.

@@ -32,6 +32,8 @@ def add_arguments(parser) -> None:
                              "0: no intervals)")
     parser.add_argument("--confidence", type=float, default=defaults.CONFIDENCE,
                         help=f"confidence level of the intervals (default {defaults.CONFIDENCE})")
+    parser.add_argument("--family", default=None,
+                        help="fit the runs of this SAE family (needed when the sweep trained several)")
     parser.add_argument("--seed", type=int, default=defaults.SEED,
                         help=f"seed of the bootstrap resampling (default {defaults.SEED}); same seed, same output")
 
@@ -65,7 +67,7 @@ def main(args) -> int:
     from saejax.scaling.table import load_results
 
     _check_arguments(args)
-    results = load_results(args.sweep_dir)
+    results = load_results(args.sweep_dir, family=args.family)
     out_dir = args.out or os.path.join(os.path.dirname(results.path), defaults.OUT_SUBDIR)
     if results.failed:
         print(_failed_note(results.failed))

@@ -102,8 +102,13 @@ class SweepResults:
         return {key: float(np.mean(values)) for key, values in sorted(groups.items())}
 
 
-def load_results(path: str) -> SweepResults:
-    """Read a sweep's results (DIR or a results.jsonl file); refuse a file with no finished runs."""
+def load_results(path: str, family: str | None = None, all_families: bool = False) -> SweepResults:
+    """Read a sweep's results (DIR or a results.jsonl file); refuse a file with no finished runs.
+
+    Scaling laws describe one family: with runs of several families in the file,
+    `family` selects one (an error names them if it is not given), unless
+    `all_families` (for comparisons across families, e.g. the frontier).
+    """
     path = resolve_results_path(path)
     rows: dict[str, dict[str, Any]] = {}
     with open(path) as f:
@@ -118,6 +123,14 @@ def load_results(path: str) -> SweepResults:
             if not isinstance(row, dict):
                 raise DataError(f"line {number} of {path} is not a JSON object; each line must describe one run")
             rows[str(row.get("run", f"line {number}"))] = row
+    present = sorted({str(row.get("family") or "topk") for row in rows.values()})
+    if family is not None:
+        if family not in present:
+            raise ConfigError(f"no runs of family {family!r} in {path}; its families: {', '.join(present)}")
+        rows = {name: row for name, row in rows.items() if str(row.get("family") or "topk") == family}
+    elif len(present) > 1 and not all_families:
+        raise ConfigError(f"{path} holds runs of several families ({', '.join(present)}); scaling laws are "
+                          "fitted to one family at a time: pass --family NAME (`saejax frontier` compares them)")
     runs = [row for row in rows.values() if row.get("status", "done") == "done"]
     failed = [row for row in rows.values() if row.get("status", "done") != "done"]
     if not runs:
