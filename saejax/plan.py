@@ -123,7 +123,7 @@ def format_plan(plan: Plan, config) -> str:
         f"({sae.n // plan.mesh_shape['model']:,} latents and {config.data.batch_size // plan.mesh_shape['data']:,} tokens per device)",
         "  per device     " + _gb(b["params"]) + " params",
         "                 " + _gb(b["optimizer_state"]) + " optimizer state",
-        "                 " + _gb(b["other_state"]) + " other state (dead-latent counters, EMA)",
+        "                 " + _gb(b["other_state"]) + " other state (firing counters, family state, EMA)",
         "                 " + _gb(b["batch"]) + " batch",
         "                 " + _gb(b["temporaries"]) + " temporaries (XLA memory analysis of the compiled step)",
         "                 " + _gb(b["peak"]) + " peak",
