@@ -245,7 +245,8 @@ def test_killed_sweep_restarts_without_redoing_runs_or_duplicating_rows(tmp_path
 # ----------------------------------------------------------------------------- shipped studies
 
 
-@pytest.mark.parametrize("study,devices,count", [("minilm_cpu.py", 1, 24), ("gpt2_small.py", 8, 30), ("sae_16m.py", 64, 1)])
+@pytest.mark.parametrize("study,devices,count", [("minilm_cpu.py", 1, 24), ("gpt2_small.py", 8, 30), ("sae_16m.py", 64, 1),
+                                                 ("families_minilm.py", 1, 31)])
 def test_shipped_studies_are_valid_grids(tmp_path, study, devices, count):
     from saejax.config import validate
 
@@ -256,6 +257,10 @@ def test_shipped_studies_are_valid_grids(tmp_path, study, devices, count):
         validate(spec.config, devices)
     if study == "minilm_cpu.py":  # without a data.path the study trains on its own store
         assert specs(loaded, str(tmp_path / "w"))[0].config.data.path == str(tmp_path / "w" / "acts")
+    if study == "families_minilm.py":  # every family of the registry is on the frontier
+        from saejax.models import FAMILIES
+
+        assert {s.config.sae.family for s in grid} == set(FAMILIES)
     if study == "gpt2_small.py":
         assert {s.config.sae.n for s in grid} == {2**p for p in range(15, 21)}
         assert {s.config.sae.topk.k for s in grid} == {8, 16, 32, 64, 128}
