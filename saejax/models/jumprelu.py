@@ -14,6 +14,11 @@ per-token count, so a latent stays on for a token when it removes more than lamb
 batch's mean per-token variance (inputs are normalised to E||x||^2 = d, so theta and eps
 are in the units of pre-activations of order 1). lambda rises linearly over its warm-up.
 
+Defaults: the paper's theta = eps = 0.001 assume long runs; Adam moves log theta by about
+lr per step, so a 1,500-step run cannot climb from 0.001 to thresholds of order 0.5. We
+start at theta = 0.3 with eps = 0.1 (enough pre-activations in the window for a usable
+gradient) and lambda = 0.01, which reaches an L0 of about 28 on the synthetic default.
+
 With `target_l0` set, lambda is family state: after each step (once the warm-up is over)
 it is multiplied by exp(rate * clip((L0 - target) / target, -1, 1)), so it rises while
 the batch L0 is above the target and falls while it is below.
@@ -124,11 +129,11 @@ class JumpReLU(SAEFamily):
     @classmethod
     def defaults(cls):
         g = ml_collections.ConfigDict()
-        g.l0_coef = 1e-3  # lambda: nmse paid per active latent per token (the start value with target_l0)
+        g.l0_coef = 1e-2  # lambda: nmse paid per active latent per token (the start value with target_l0)
         g.coef_warmup_steps = config_dict.placeholder(int)  # lambda's linear warm-up; unset: the fraction
         g.coef_warmup_fraction = 0.1  # of train.steps, used when coef_warmup_steps is unset
-        g.bandwidth = 0.05  # eps of the rectangle kernel, in pre-activation units
-        g.init_threshold = 0.1  # theta at step 0, in pre-activation units
+        g.bandwidth = 0.1  # eps of the rectangle kernel, in pre-activation units
+        g.init_threshold = 0.3  # theta at step 0, in pre-activation units (see the module docstring)
         g.target_l0 = config_dict.placeholder(float)  # set: adapt lambda toward this L0
         g.target_rate = 0.01  # the most lambda's log changes per step toward target_l0
         return g
