@@ -81,11 +81,14 @@ def test_warmup_ramps_linearly_to_one():
     ({"sae.jumprelu.target_l0": 0.0}, r"sae\.jumprelu\.target_l0=0\.0 must be in \(0, sae\.n=256\]"),
     ({"sae.jumprelu.target_l0": 257.0}, r"sae\.jumprelu\.target_l0=257\.0 must be in \(0, sae\.n=256\]"),
     ({"sae.jumprelu.target_l0": 8.0, "sae.jumprelu.l0_coef": 0.0},
-     r"l0_coef=0\.0 must be > 0 with target_l0 \(it is the coefficient the target_l0 controller starts from\)"),
+     r"l0_coef=0\.0 must be > 0 with target_l0 "
+     r"\(it is the coefficient the target_l0 controller starts from\)"),
     ({"sae.jumprelu.target_rate": 0.0}, r"sae\.jumprelu\.target_rate=0\.0 must be in \(0, 1\]"),
     ({"sae.jumprelu.target_rate": 1.5}, r"sae\.jumprelu\.target_rate=1\.5 must be in \(0, 1\]"),
-    ({"sae.jumprelu.coef_warmup_steps": -1}, r"sae\.jumprelu\.coef_warmup_steps=-1 must be >= 0 \(or unset\)"),
-    ({"sae.jumprelu.coef_warmup_fraction": 1.5}, r"sae\.jumprelu\.coef_warmup_fraction=1\.5 must be in \[0, 1\]"),
+    ({"sae.jumprelu.coef_warmup_steps": -1},
+     r"sae\.jumprelu\.coef_warmup_steps=-1 must be >= 0 \(or unset\)"),
+    ({"sae.jumprelu.coef_warmup_fraction": 1.5},
+     r"sae\.jumprelu\.coef_warmup_fraction=1\.5 must be in \[0, 1\]"),
 ])
 def test_bad_configs_are_refused_with_clear_messages(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -138,7 +141,8 @@ def test_the_controller_moves_the_coefficient_toward_the_target_by_at_most_the_r
     dead = jnp.zeros((family.n,), bool)
 
     def new_coef(step):
-        _, out = family.loss(params, state, x, LossContext(step=jnp.asarray(step, jnp.int32), dead=dead, mesh=mesh))
+        ctx = LossContext(step=jnp.asarray(step, jnp.int32), dead=dead, mesh=mesh)
+        _, out = family.loss(params, state, x, ctx)
         return float(out.state["l0_coef"]), float(out.metrics["l0"])
 
     start = float(state["l0_coef"])
@@ -184,5 +188,5 @@ def test_export_holds_theta_not_its_log_and_encode_is_the_jump_relu():
     pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
     expected = np.where(pre > tensors["threshold"], pre, 0.0)
     np.testing.assert_allclose(codes.values, expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(family.decode(inference, codes, mesh), expected @ params["W_dec"] + params["b_dec"],
-                               rtol=1e-4, atol=1e-5)
+    recon = expected @ params["W_dec"] + params["b_dec"]
+    np.testing.assert_allclose(family.decode(inference, codes, mesh), recon, rtol=1e-4, atol=1e-5)

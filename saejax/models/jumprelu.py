@@ -167,7 +167,8 @@ class JumpReLU(SAEFamily):
         self.target_l0 = None if o.target_l0 is None else float(o.target_l0)
         self.target_rate = float(o.target_rate)
         steps = o.coef_warmup_steps
-        self.warmup_steps = int(steps) if steps is not None else int(o.coef_warmup_fraction * config.train.steps)
+        fraction_steps = int(o.coef_warmup_fraction * config.train.steps)
+        self.warmup_steps = int(steps) if steps is not None else fraction_steps
 
     def sparsity_control(self):
         if self.target_l0 is not None:
