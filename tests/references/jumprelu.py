@@ -10,8 +10,6 @@ import jax.numpy as jnp
 
 OVERRIDES = {
     "sae.family": "jumprelu",
-    "sae.topk.k": 16,  # small_config's TopK settings back to their defaults: validate() refuses
-    "sae.topk.k_aux": None,  # another family's keys
     "sae.jumprelu.target_l0": 64.0,  # exercises the adaptive coefficient (family state)
     "sae.jumprelu.target_rate": 0.5,
     "sae.jumprelu.coef_warmup_steps": 2,
