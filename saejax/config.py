@@ -187,10 +187,23 @@ def set_value(config, dotted: str, value: Any) -> None:
     field_type = node.get_type(leaf)
     try:
         converted = _convert(value, field_type) if isinstance(value, str) else value
+        if dotted == "sae.family":
+            _leave_family(config, converted)
         with node.unlocked():
             node[leaf] = converted
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config key {dotted!r} expects {field_type.__name__}, got {value!r}: {e}") from None
+
+
+def _leave_family(config, new_family: str) -> None:
+    """Switching sae.family resets the old family's group: what a config file set for TopK
+    (e.g. the default's k) does not apply to a ReLU run, and would be refused by validate()."""
+    from saejax.models import FAMILIES
+
+    old = config.sae.family
+    if new_family != old and old in FAMILIES:
+        with config.sae.unlocked():
+            config.sae[old] = FAMILIES[old].defaults()
 
 
 def _convert(text: str, field_type: type) -> Any:

@@ -17,10 +17,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def small_config(**overrides):
     """A tiny TopK config on synthetic data; overrides as dotted keys (`sae.k` = the family's k)."""
     config = base_config()
+    config.sae.family = overrides.pop("sae.family", "topk")  # first: the family's short keys resolve to it
     config.sae.d = 16
     config.sae.n = 256
-    config.sae.topk.k = 8
-    config.sae.topk.k_aux = 16
+    if config.sae.family == "topk":  # another family's run refuses TopK keys changed from their defaults
+        config.sae.topk.k = 8
+        config.sae.topk.k_aux = 16
     config.sae.init_sample_rows = 512
     config.data.batch_size = 64
     config.data.synthetic.num_features = 64
