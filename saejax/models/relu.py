@@ -26,7 +26,8 @@ class ReLU(DenseFamily):
     @classmethod
     def defaults(cls):
         g = ml_collections.ConfigDict()
-        dense_defaults(g, coef=5.0)
+        # 3: L0 ~34 on the synthetic default (2: L0 ~44; 5: L0 ~26 but nmse ~0.74)
+        dense_defaults(g, coef=3.0)
         return g
 
     @classmethod
