@@ -6,8 +6,8 @@ from jax import lax
 
 from references.relu import warmed_up
 
-OVERRIDES = {"sae.family": "prolu", "sae.prolu.l1_warmup_steps": 2}
-RECOVERY = 0.9
+OVERRIDES = {"sae.family": "prolu", "sae.prolu.l1_warmup_steps": 2, "sae.prolu.ste": "ste"}
+RECOVERY = 0.85
 
 
 def perturb(params, state, rng):

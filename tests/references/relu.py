@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 
 OVERRIDES = {"sae.family": "relu", "sae.relu.l1_warmup_steps": 2}
-RECOVERY = 0.88
+RECOVERY = 0.9
 
 
 def perturb(params, state, rng):
