@@ -6,6 +6,10 @@ when complete, so a checkpoint interrupted mid-write is never listed (and its
 leftovers are removed on the next start). Restore takes an abstract state
 whose ShapeDtypeStructs carry the *current* mesh's shardings, so a run saved
 on a 1x8 mesh resumes on 2x4 (or one device).
+
+A save that fails (a full disk) is a WorkdirIOError naming the step and the
+last complete checkpoint; `check()` finds an asynchronous save's failure
+while training goes on, so the run stops at the step where it happened.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
-from saejax.errors import ConfigError
+from saejax.errors import ConfigError, write_failed
 
 
 class Checkpointer:
@@ -33,6 +37,8 @@ class Checkpointer:
             save_decision_policy=None,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.saving: int | None = None  # the step of the save that may still be in flight
+        self.failure = None  # the error of a failed save, raised again by later calls
 
     @classmethod
     def from_config(cls, workdir: str, config) -> "Checkpointer":
@@ -47,11 +53,39 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Start saving (device->host copies finish before this returns; writing continues async)."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
+        self.check()
+        if self.failure is not None:
+            raise self.failure
+        self.saving = step
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+        except Exception as e:
+            raise self._failed(e) from None
+
+    def _failed(self, error: BaseException):
+        if self.failure is not None:
+            return self.failure
+        step = self.saving
+        complete = [int(name) for name in os.listdir(self.directory) if name.isdigit() and int(name) != step] \
+            if os.path.isdir(self.directory) else []
+        intact = f"the last complete one, step {max(complete)}, is intact" if complete else "no earlier one exists"
+        self.failure = write_failed(f"checkpoint step {step} to", self.directory, error,
+                                    f"Training stopped; {intact}. Free space there (or move the workdir) "
+                                    "and run the same command to resume.")
+        return self.failure
+
+    def check(self) -> None:
+        """Raise if the last asynchronous save failed; cheap (no wait), so called every step."""
+        if self.failure is not None:
+            raise self.failure
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise self._failed(e) from None
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restore onto the shardings carried by `abstract_state`'s ShapeDtypeStructs."""
@@ -73,10 +107,25 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        if self.failure is not None:
+            raise self.failure
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(e) from None
+        self.saving = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.wait()
+        finally:
+            try:
+                self._close_manager()
+            except Exception:
+                if self.failure is None:  # after a failed save, orbax may fail again on close
+                    raise
+
+    def _close_manager(self) -> None:
         # Orbax removes leftovers of interrupted saves on a background future that
         # close() does not await; without this a short run can exit before they
         # are gone. (Private in orbax 0.12; skipped if a later version drops it.)
