@@ -14,7 +14,10 @@ while training goes on, so the run stops at the step where it happened.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import traceback
 from typing import Any
 
 import jax
@@ -22,6 +25,32 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
 from saejax.errors import ConfigError, write_failed
+
+
+class _QuietOSErrors(logging.Filter):
+    """Drop orbax's multi-page log of an OS error in its save threads: Checkpointer reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" not in record.pathname:
+            return True
+        text = record.getMessage()
+        if record.exc_info:
+            text += "".join(traceback.format_exception(*record.exc_info))
+        return "os_error_code=" not in text and "[Errno" not in text
+
+
+logging.getLogger("absl").addFilter(_QuietOSErrors())
+_default_unraisable = sys.unraisablehook
+
+
+def _quiet_closed_loop(unraisable) -> None:
+    """After a failed save, tensorstore's late callbacks hit orbax's closed event loop: nothing to report."""
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+        return
+    _default_unraisable(unraisable)
+
+
+sys.unraisablehook = _quiet_closed_loop
 
 
 class Checkpointer:
@@ -53,9 +82,7 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Start saving (device->host copies finish before this returns; writing continues async)."""
-        self.check()
-        if self.failure is not None:
-            raise self.failure
+        self.wait()  # orbax waits for the previous save anyway; a failure of it is named as its own step
         self.saving = step
         try:
             self.manager.save(

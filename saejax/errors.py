@@ -48,13 +48,19 @@ class PeerLostError(SaeJaxError):
 
 def os_reason(error: BaseException) -> str:
     """The OSError behind `error` (orbax and asyncio wrap it), as '[Errno 28] No space left on device'."""
-    seen = set()
+    import os
+    import re
+
+    seen, first = set(), error
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.strerror:
             return f"[Errno {error.errno}] {error.strerror}"
+        code = re.search(r"os_error_code='(\d+)'", str(error))  # tensorstore's ValueError for an OS error
+        if code:
+            return f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
         error = error.__cause__ or error.__context__
-    return str(error) if error is not None else "unknown error"
+    return str(first).splitlines()[0] if first is not None and str(first) else "unknown error"
 
 
 def write_failed(what: str, path: str, error: BaseException, advice: str) -> WorkdirIOError:
