@@ -12,7 +12,8 @@ CONFIG is a path to a Python file with get_config(), or the name of a
 built-in config: for train and plan default, minilm, npy, gpt2_small,
 plan_16m; for harvest minilm (the default) and gpt2. Exit codes: 0 done,
 2 bad input, 3 training diverged (NaN/inf), 4 over the memory budget,
-75 preempted after saving (requeue the job).
+5 a write failed (full disk), 6 the workdir is in use, 7 a peer process
+died, 75 preempted after saving (requeue the job).
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from saejax.errors import write_failed
+
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
 
@@ -120,21 +122,28 @@ def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: Mapping[s
     header, offsets = _header(tensors, metadata or {})
     tmp = f"{path}.tmp"
     total = len(header) + sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in tensors.values())
-    if jax.process_index() == 0:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.truncate(total)
-    _sync("saejax_export_created")
-    fd = os.open(tmp, os.O_WRONLY)
     try:
-        for name, array in tensors.items():
-            _write_tensor(fd, len(header) + offsets[name], array)
-        os.fsync(fd)  # every writer flushes its own bytes before process 0 publishes the file
-    finally:
-        os.close(fd)
-    _sync("saejax_export_written")
-    if jax.process_index() == 0:
-        os.replace(tmp, path)
+        if jax.process_index() == 0:
+            with open(tmp, "wb") as f:
+                f.write(header)
+                f.truncate(total)
+        _sync("saejax_export_created")
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            for name, array in tensors.items():
+                _write_tensor(fd, len(header) + offsets[name], array)
+            os.fsync(fd)  # every writer flushes its own bytes before process 0 publishes the file
+        finally:
+            os.close(fd)
+        _sync("saejax_export_written")
+        if jax.process_index() == 0:
+            os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):  # a half-written export is never left to be mistaken for one
+            os.remove(tmp)
+        raise write_failed("the exported SAE", path, e,
+                           "The checkpoints are intact: free space there and run the same command again; "
+                           "it exports without training again.") from None
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -144,11 +153,17 @@ def write_text_atomic(path: str, text: str) -> None:
     killed writer's PATH.tmp is overwritten by the next, not left behind.
     """
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise write_failed("", path, e, "The previous version of the file, if any, is intact: "
+                           "free space there and run the same command again.") from None
 
 
 def write_json_atomic(path: str, payload: Any) -> None:

@@ -47,20 +47,28 @@ class PreemptionGuard:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def requested(self) -> bool:
+    def requested(self, failure: SaeJaxError | None = None) -> bool:
         """True on every process if any process was signalled (agreed across hosts).
 
         In a multi-process job every process must call this at the same steps: it
         is a collective. A process that was not signalled itself names the
-        signal and the process that got it (`SIGTERM on process 3`).
+        signal and the process that got it (`SIGTERM on process 3`). `failure`,
+        this process's error at this step (its rows held NaN), is agreed in the
+        same collective: every process raises the first one.
         """
         local = self._requested.is_set()
         if jax.process_count() == 1:
+            if failure is not None:
+                raise failure
             return local
         from jax.experimental import multihost_utils
 
-        mine = self._signum if local else 0
-        received = np.asarray(multihost_utils.process_allgather(np.array([mine], np.int32))).reshape(-1)
+        from saejax.peers import raise_agreed
+
+        mine = [self._signum if local else 0, failure is not None]
+        gathered = np.asarray(multihost_utils.process_allgather(np.array(mine, np.int32))).reshape(-1, 2)
+        raise_agreed(failure, gathered[:, 1])
+        received = gathered[:, 0]
         if not received.any():
             return False
         if not local:

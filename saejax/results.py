@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import jax
 
+from saejax.errors import write_failed
 from saejax.export import write_json_atomic
 
 METRICS_FILE = "metrics.jsonl"
@@ -33,23 +34,36 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        if os.path.exists(self.path):
-            kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(row) + "\n" for row in kept)
-            os.replace(tmp, self.path)
-        self._file = open(self.path, "a")
+        try:
+            if os.path.exists(self.path):
+                kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
+                tmp = self.path + ".tmp"
+                with open(tmp, "w") as f:
+                    f.writelines(json.dumps(row) + "\n" for row in kept)
+                os.replace(tmp, self.path)
+            self._file = open(self.path, "a")
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def _failed(self, error: OSError):
+        return write_failed("metrics to", self.path, error, "The checkpoints are intact: free space there "
+                            "and run the same command to resume.")
 
     def write(self, row: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps({k: _clean(v) if isinstance(v, float) else v for k, v in row.items()}) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps({k: _clean(v) if isinstance(v, float) else v for k, v in row.items()}) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise self._failed(e) from None
 
     def close(self) -> None:
-        if self.enabled:
-            self._file.close()
+        if self.enabled and not self._file.closed:
+            try:
+                self._file.close()
+            except OSError:  # the failed flush was reported by write()
+                pass
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

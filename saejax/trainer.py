@@ -24,14 +24,16 @@ from saejax.config import active_tree, family_key, validate
 from saejax.data import check_finite, make_source
 from saejax.data.pipeline import BatchFeeder, device_batch, estimate_scale, host_batch
 from saejax.data.synthetic import SyntheticSource
-from saejax.errors import ConfigError, DataError, SaeJaxError, TrainingDivergedError
+from saejax.errors import ConfigError, DataError, SaeJaxError, TrainingDivergedError, WorkdirIOError
 from saejax.export import export_sae, to_host
 from saejax.inference import reconstruction_metrics
 from saejax.models import get_family
+from saejax.peers import PeerWatchdog
 from saejax.plan import batch_sharding, check_budget, compile_train_step, format_plan, make_plan
 from saejax.preemption import Preempted, PreemptionGuard
 from saejax.results import METRICS_FILE, MetricsWriter, read_metrics, read_results, write_results
 from saejax.sharding import make_mesh
+from saejax.workdir import hold_workdir
 
 # Config keys that define a run: resuming with any of them changed is refused.
 IDENTITY_KEYS = ("seed", "sae", "optim", "train.algorithm", "data.source", "data.path",
@@ -214,6 +216,7 @@ class _Run:
     def advance(self, step: int, batch, preempted: bool) -> None:
         """Train step `step` on `batch`; save on the last step, every checkpoint.every_steps, or when preempted."""
         every = int(self.config.checkpoint.every_steps)
+        self.checkpointer.check()  # a failed async save stops the run here, not at the next save
         self.state, metrics = self.step_fn(self.state, batch)
         if self.pending is not None:  # fetch the previous step's metrics while this one runs
             self.consume(*self.pending)
@@ -386,8 +389,11 @@ def train_group(configs, workdirs, raise_errors: bool = True) -> list[dict[str, 
         try:
             with PreemptionGuard() as guard:
                 for step in range(start, stop):
-                    batch = feeder.get(step)
-                    preempted = guard.requested()
+                    try:
+                        batch, failure = feeder.get(step), None
+                    except DataError as e:  # this process's rows; agreed with the others just below
+                        batch, failure = None, e
+                    preempted = guard.requested(failure)
                     for i in list(active):
                         run = runs[i]
                         if step < run.start:
@@ -398,7 +404,7 @@ def train_group(configs, workdirs, raise_errors: bool = True) -> list[dict[str, 
                                 run.end()
                                 outcomes[i] = run.finish()
                                 active.remove(i)
-                        except (TrainingDivergedError, DataError) as e:
+                        except (TrainingDivergedError, DataError, WorkdirIOError) as e:
                             active.remove(i)
                             fail(i, e)
                     progress.update(step + 1, [runs[i] for i in active])
@@ -428,5 +434,10 @@ def train_group(configs, workdirs, raise_errors: bool = True) -> list[dict[str, 
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-    """Train (or resume, or finish) the run in `workdir`; returns the contents of results.json."""
-    return train_group([config], [workdir])[0]
+    """Train (or resume, or finish) the run in `workdir`; returns the contents of results.json.
+
+    The workdir is checked and locked first (one run per workdir); in a
+    multi-process job a dead or failed peer ends every process (saejax.peers).
+    """
+    with PeerWatchdog(), hold_workdir(workdir):
+        return train_group([config], [workdir])[0]

@@ -259,7 +259,8 @@ def test_npy_sample_comes_from_training_rows(tmp_path):
 
 def test_npy_from_config(tmp_path):
     path, _ = _npy(tmp_path, rows=40, d=16)
-    config = small_config(**{"data.source": "npy", "data.path": path, "data.eval_fraction": 0.25})
+    config = small_config(**{"data.source": "npy", "data.path": path, "data.eval_fraction": 0.25,
+                             "data.batch_size": 16})
     source = make_source(config)
     assert isinstance(source, NpySource)
     assert source.metadata() == {"source": source.describe(), "d": 16, "path": path, "rows": 40, "eval_rows": 10}

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO
-from saejax.errors import EXIT_REQUEUE
+from saejax.errors import EXIT_PEER_LOST, EXIT_REQUEUE
 from saejax.export import load_sae
 
 STEPS = 30
@@ -76,12 +76,13 @@ def _env(devices: int, cache_dir, **extra) -> dict:
 class Job:
     """Processes of one `saejax train` job, their output in files next to the workdir."""
 
-    def __init__(self, workdir, cache_dir, mesh_args, processes: int, join: str = "explicit"):
+    def __init__(self, workdir, cache_dir, mesh_args, processes: int, join: str = "explicit",
+                 extra_env=None):
         self.workdir, self.logs = str(workdir), []
         self.port = port = _free_port()
         self.procs = []
         for pid in range(processes):
-            env = _env(8 // processes, cache_dir)
+            env = _env(8 // processes, cache_dir, **(extra_env or {}))
             if processes > 1 and join == "explicit":
                 env.update(SAEJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", SAEJAX_NUM_PROCESSES=str(processes),
                            SAEJAX_PROCESS_ID=str(pid))
@@ -280,6 +281,64 @@ def test_slurm_array_task_runs_its_grid_point_on_two_processes(cache_dir, tmp_pa
     assert [(row["point"], row["status"]) for row in rows] == [({"sae.k": 8}, "done")], rows
     tensors, cfg = load_sae(os.path.join(workdir, rows[0]["run_dir"]))
     assert cfg["k"] == 8 and cfg["trained_steps"] == 10 and tensors["W_enc"].shape == (64, 256)
+
+
+PEER_TIMEOUT = 10
+
+
+def _errors(job: Job, pid: int) -> list[str]:
+    with open(job.logs[pid][1]) as f:
+        return [line.rstrip("\n") for line in f if "error:" in line]
+
+
+@pytest.mark.slow
+def test_a_killed_process_makes_the_other_exit_with_a_message_within_the_bound(cache_dir, tmp_path):
+    """SIGKILL to process 1 mid-run: process 0, blocked in the step's collectives, exits EXIT_PEER_LOST."""
+    workdir = tmp_path / "killed"
+    job = Job(workdir, cache_dir, [*DATA_SPLIT_OVER_PROCESSES, "--config.train.steps=100000"], processes=2,
+              extra_env={"SAEJAX_PEER_TIMEOUT_S": str(PEER_TIMEOUT)})
+    deadline = time.time() + TIMEOUT
+    while len(_metric_steps(workdir)) < 5:
+        if any(proc.poll() is not None for proc in job.procs) or time.time() > deadline:
+            job.kill()
+            pytest.fail(f"the run ended or hung before the kill\n{job.report()}")
+        time.sleep(0.05)
+    job.procs[1].kill()
+    killed = time.time()
+    try:
+        code = job.procs[0].wait(timeout=PEER_TIMEOUT + 20)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        pytest.fail(f"process 0 still running {PEER_TIMEOUT + 20} s after its peer was killed\n{job.report()}")
+    assert time.time() - killed < PEER_TIMEOUT + 20
+    assert code == EXIT_PEER_LOST, job.report()
+    assert _errors(job, 0) == [
+        f"saejax train: error: process 1 of 2 has not answered for {PEER_TIMEOUT} s: it was killed, crashed or its "
+        "host is down. The last complete checkpoint is intact; restart the whole job to resume "
+        "(SAEJAX_PEER_TIMEOUT_S sets this wait)"], job.report()
+
+
+@pytest.mark.slow
+def test_nan_in_one_processs_rows_stops_both_with_the_same_error(cache_dir, tmp_path):
+    from saejax.data.npy import NpySource
+
+    path = tmp_path / "acts.npy"
+    acts = np.random.default_rng(0).standard_normal((4096, 64)).astype(np.float32)
+    np.save(path, acts)
+    source = NpySource(str(path), 64, seed=0, eval_fraction=0.01)
+    sampled = set(np.random.default_rng([0, 0x5A3]).choice(source.train_rows, size=512, replace=False).tolist())
+    earlier = set(source.row_ids(0, 64 * 5, "train", 0, 64 * 5).tolist())  # steps 0-4 (all rows)
+    poisoned = next(int(r) for r in source.row_ids(5, 64, "train", 32, 64) if r not in sampled | earlier)
+    acts[poisoned, 3] = np.nan
+    np.save(path, acts)
+    workdir = tmp_path / "nan"
+    job = Job(workdir, cache_dir, [*DATA_SPLIT_OVER_PROCESSES, "--config.data.source=npy",
+                                   f"--config.data.path={path}"], processes=2)
+    job.wait(expected=2)
+    first, second = _errors(job, 0), _errors(job, 1)
+    assert first == second and len(first) == 1, job.report()
+    assert first[0].startswith(f"saejax train: error: process 1: train batch for step 5 from npy({path}"), job.report()
+    assert "Traceback" not in job.report()
 
 
 def test_export_writes_each_shard_into_its_slice(tmp_path):

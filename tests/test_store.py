@@ -594,3 +594,63 @@ def test_trainer_reads_a_store(tmp_path):
         train_and_evaluate(bad, workdir)
     assert not os.path.exists(os.path.join(workdir, "results.json"))
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+# ---------------------------------------------------------------------------- reader: files against the ledger
+
+
+def test_the_ledger_lists_every_array_file_with_its_size(store):
+    files = store.ledger["files"]
+    assert "activations/zarr.json" in files and "tokens/zarr.json" in files
+    shards = -(-NUM_ROWS // GEOMETRY.shard_rows)
+    for array in ("activations", "tokens"):
+        for shard in range(shards):
+            entry = files[f"{array}/c/{shard}/0"]
+            assert entry["bytes"] == os.path.getsize(os.path.join(store.path, array, "c", str(shard), "0"))
+    assert len(files) == 2 * (shards + 1)
+
+
+@pytest.mark.parametrize("array", ["activations", "tokens"])
+def test_a_deleted_shard_is_refused_at_open_and_nothing_is_trained(store, tmp_path, array):
+    path = store.copy(tmp_path / "deleted")
+    shard = os.path.join(path, array, "c", "1", "0")
+    os.remove(shard)
+    with pytest.raises(DataError, match=rf"activation store .*: {re.escape(shard)} is missing\. Nothing was trained"):
+        StoreSource(path, D, seed=0, eval_fraction=0.1)
+    config = small_config(**{"data.source": "store", "data.path": path, "sae.d": D, "data.eval_fraction": 0.1})
+    workdir = tmp_path / "run"
+    with pytest.raises(DataError, match=re.escape(shard)):
+        train_and_evaluate(config, str(workdir))
+    assert not (workdir / "checkpoints").exists(), "refused before anything was compiled or saved"
+
+
+def test_a_truncated_shard_is_refused_at_open(store, tmp_path):
+    path = store.copy(tmp_path / "truncated")
+    shard = os.path.join(path, "activations", "c", "2", "0")
+    size = os.path.getsize(shard)
+    os.truncate(shard, size - 100)
+    with pytest.raises(DataError, match=rf"{re.escape(shard)} has {size - 100} bytes but the ledger records {size} "
+                                        r"\(truncated or replaced\)"):
+        StoreSource(path, D, seed=0, eval_fraction=0.1)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_shard_lost_after_open_is_a_read_error_never_zeros(store, tmp_path, damage):
+    path = store.copy(tmp_path / damage)
+    source = StoreSource(path, D, seed=3, eval_fraction=0.0)
+    shard = shard_file(path, 64, 64)  # chunks 4..7
+    if damage == "deleted":
+        os.remove(shard)
+    else:
+        os.truncate(shard, 40)
+    touching = next(step for step in range(40) if set(source.locate(step, 8, "train", 0, 8)[1].tolist()) & {4, 5, 6, 7})
+    with pytest.raises(DataError) as info:
+        source.read(touching, 8)
+    message = str(info.value)
+    assert shard in message and re.search(r"chunk [4-7] \(rows \d+-\d+\) in shard file", message)
+    assert ("is missing" if damage == "deleted" else "has 40 bytes but the ledger records") in message
+    # What zarr does without the ledger and the no-fill read: the lost rows come back as zeros.
+    zeros = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(path, "activations")}},
+                    open=True, read=True).result()
+    if damage == "deleted":
+        assert not zeros[64:128].read().result().any()

@@ -29,6 +29,9 @@ class NpySource(DataSource):
             raise DataError(f"{self.path} has shape {self.array.shape}; expected 2-D (tokens, d)")
         if not np.issubdtype(self.array.dtype, np.floating):
             raise DataError(f"{self.path} has dtype {self.array.dtype}; expected floating point activations")
+        if self.array.shape[1] == 0:
+            raise DataError(f"{self.path} has shape {self.array.shape}: its rows are empty (d=0); "
+                            "write the activations as a (tokens, d) array with d > 0")
         if self.array.shape[1] != d:
             raise DataError(
                 f"{self.path} holds vectors of dimension {self.array.shape[1]} but sae.d={d}; "
@@ -84,6 +87,9 @@ class NpySource(DataSource):
         rng = np.random.default_rng([self.seed, 0x5A3])
         ids = rng.choice(self.train_rows, size=min(num_rows, self.train_rows.size), replace=False)
         return self._gather(ids)
+
+    def split_rows(self):
+        return {"train": int(self.train_rows.size), "eval": int(self.eval_rows.size)}
 
     def describe(self):
         return f"npy({self.path}, {self.array.shape[0]} rows x d={self.d})"

@@ -39,6 +39,10 @@ class DataSource(abc.ABC):
         """Facts recorded with checkpoints and results."""
         return {"source": self.describe(), "d": self.d}
 
+    def split_rows(self) -> dict[str, int] | None:
+        """Rows in each split ({"train": .., "eval": ..}); None for an endless source."""
+        return None
+
     def stored_scale(self) -> float | None:
         """A normalisation scale computed over the whole dataset, if the source has one."""
         return None
@@ -90,6 +94,7 @@ def check_finite(batch: np.ndarray, step: int, split: str, source: DataSource, w
     bad_rows = np.flatnonzero(~finite.all(axis=1))
     raise DataError(
         f"{what or f'{split} batch for step {step}'} from {source.describe()} contains NaN/inf in "
-        f"{bad_rows.size} row(s) (first at row {bad_rows[0]} of the batch). The data is corrupt; "
+        f"{bad_rows.size} row(s) (first at row {bad_rows[0]} of {'the sample' if what else 'the batch'}). "
+        "The data is corrupt; "
         "fix or regenerate it. Nothing was trained on this batch and existing checkpoints are intact."
     )

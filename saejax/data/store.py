@@ -24,7 +24,7 @@ import numpy as np
 
 from saejax.data.source import SPLITS, DataSource, PendingRows
 from saejax.errors import DataError
-from saejax.store.layout import ACTIVATIONS, open_arrays, read_ledger, shard_file
+from saejax.store.layout import ACTIVATIONS, file_problem, open_arrays, read_ledger, shard_file, verify_files
 
 
 class StoreSource(DataSource):
@@ -38,6 +38,7 @@ class StoreSource(DataSource):
                 f"({self.ledger['identity']['model']['name']} at {self.ledger['identity']['hookpoint']}) but sae.d={d}; "
                 f"set --config.sae.d={self.d} or point data.path at a store of dimension {d}"
             )
+        verify_files(self.path, self.ledger)
         self.activations, self.tokens = open_arrays(self.path)
         self.num_tokens = int(self.ledger["num_tokens"])
         if tuple(self.activations.shape) != (self.num_tokens, self.d):
@@ -128,7 +129,7 @@ class StoreSource(DataSource):
         return reads
 
     def _chunk(self, chunk: int, future) -> np.ndarray:
-        """A chunk read's result; a checksum mismatch (tensorstore's DATA_LOSS) names the shard."""
+        """A chunk read's result; a checksum mismatch (DATA_LOSS) or a missing chunk (NOT_FOUND) names the shard."""
         try:
             return future.result()
         except ValueError as e:
@@ -147,8 +148,11 @@ class StoreSource(DataSource):
 
     def _corrupt_message(self, chunk: int, error: Exception) -> str:
         shard = shard_file(self.path, chunk * self.chunk_rows, self.shard_rows, ACTIVATIONS)
+        relative = os.path.relpath(shard, self.path)
+        recorded = (self.ledger.get("files") or {}).get(relative)
+        problem = file_problem(self.path, relative, recorded, self.ledger["geometry"]) or "is corrupt"
         return (f"activation store {self.path}: chunk {chunk} (rows {chunk * self.chunk_rows}-"
-                f"{chunk * self.chunk_rows + int(self.chunk_sizes[chunk]) - 1}) in shard file {shard} is corrupt "
+                f"{chunk * self.chunk_rows + int(self.chunk_sizes[chunk]) - 1}) in shard file {shard} {problem} "
                 f"({error}). Nothing was trained on it. Restore that file from a backup or harvest the store again.")
 
     def sample(self, num_rows):
@@ -160,6 +164,9 @@ class StoreSource(DataSource):
         reads = self._start_reads(epochs, chosen)
         parts = [self._chunk(int(chunk), reads[(-1, int(chunk))]) for chunk in chosen]
         return np.concatenate(parts).astype(np.float32)[:num_rows]
+
+    def split_rows(self):
+        return {"train": self.train_tokens, "eval": self.eval_tokens}
 
     def stored_scale(self) -> float:
         return float(self.ledger["normalization"]["scale"])

@@ -5,8 +5,10 @@
     activations/    zarr3 array (tokens, d), float32 or bfloat16
     tokens/         zarr3 int32 array (tokens, 3): token id, context index, position
     progress.json   while harvesting: the batch to continue from (+ carry-<batch>.npz)
-    ledger.json     written last: token count, normalisation, hashes. Without it
-                    the store is incomplete and is not read.
+    ledger.json     written last: token count, normalisation, hashes, and every file of
+                    the two arrays with its size (and its shard index's CRC-32). Without
+                    it the store is incomplete and is not read; a file that is missing or
+                    of another size than the ledger says is refused at open.
 
 Both arrays use the zarr3 sharding codec: inner chunks of about `chunk_mb`
 (the unit the reader shuffles and reads), shards of about `shard_mb` (one
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zlib
 from typing import Any
 
 import numpy as np
@@ -118,10 +121,16 @@ def create_arrays(store: str, geometry: Geometry, rows: int = UNBOUNDED_ROWS):
 
 
 def open_arrays(store: str):
-    """The two arrays of a finished store, read-only."""
+    """The two arrays of a finished store, read-only.
+
+    A chunk that is absent (a deleted shard file, or an index entry of a
+    truncated one) is a read error, not zarr's fill value: zeros would be
+    trained on silently.
+    """
     arrays = []
     for name in (ACTIVATIONS, TOKENS):
-        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(store, name)}}
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(store, name)},
+                "fill_missing_data_reads": False}
         try:
             arrays.append(ts.open(spec, open=True, read=True).result())
         except ValueError as e:
@@ -132,6 +141,62 @@ def open_arrays(store: str):
 def shard_file(store: str, row: int, geometry_shard_rows: int, array: str = ACTIVATIONS) -> str:
     """The file holding `row` (zarr3 default chunk keys: c/<shard>/0)."""
     return os.path.join(store, array, "c", str(row // geometry_shard_rows), "0")
+
+
+def _index_bytes(geometry: dict[str, Any]) -> int:
+    """Size of a shard's index at its end: 16 bytes per inner chunk, then a CRC-32C."""
+    return int(geometry["shard_rows"]) // int(geometry["chunk_rows"]) * 16 + 4
+
+
+def _index_crc(path: str, index_bytes: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(max(os.fstat(f.fileno()).st_size - index_bytes, 0))
+        return zlib.crc32(f.read(index_bytes))
+
+
+def list_files(store: str, geometry: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Every file of the two arrays: its size and the CRC-32 of its shard index (zarr.json: whole file).
+
+    Reading the index (a few hundred bytes a shard) rather than hashing whole
+    shards keeps this cheap enough to check at every open.
+    """
+    files = {}
+    for array in (ACTIVATIONS, TOKENS):
+        for root, _, names in os.walk(os.path.join(store, array)):
+            for name in names:
+                path = os.path.join(root, name)
+                size = os.path.getsize(path)
+                tail = size if name == "zarr.json" else _index_bytes(geometry)
+                files[os.path.relpath(path, store)] = {"bytes": size, "index_crc32": _index_crc(path, tail)}
+    return dict(sorted(files.items()))
+
+
+def file_problem(store: str, relative: str, recorded: dict[str, int] | None, geometry: dict[str, Any]) -> str:
+    """What is wrong with one file of the store compared with its ledger entry ('' if nothing)."""
+    path = os.path.join(store, relative)
+    if not os.path.isfile(path):
+        return "is missing"
+    if recorded is None:
+        return ""
+    size = os.path.getsize(path)
+    if size != recorded["bytes"]:
+        return f"has {size} bytes but the ledger records {recorded['bytes']} (truncated or replaced)"
+    tail = size if os.path.basename(relative) == "zarr.json" else _index_bytes(geometry)
+    if _index_crc(path, tail) != recorded["index_crc32"]:
+        return "has another shard index than the ledger records (replaced or corrupt)"
+    return ""
+
+
+def verify_files(store: str, ledger: dict[str, Any]) -> None:
+    """Refuse a store whose array files do not match its ledger (stores written before it listed files pass)."""
+    recorded = ledger.get("files")
+    if recorded is None:
+        return
+    for relative, entry in recorded.items():
+        problem = file_problem(store, relative, entry, ledger["geometry"])
+        if problem:
+            raise DataError(f"activation store {store}: {os.path.join(store, relative)} {problem}. "
+                            "Nothing was trained on it. Restore that file from a backup or harvest the store again.")
 
 
 def canonical_json(value: Any) -> str:

@@ -26,6 +26,7 @@ from saejax.store.layout import (
     Geometry,
     canonical_json,
     create_arrays,
+    list_files,
     numpy_dtype,
     read_json,
 )
@@ -158,6 +159,7 @@ class StoreWriter:
             **facts,
             "complete": True,
             "num_tokens": self.rows_written,
+            "files": list_files(self.store, self.geometry.as_dict()),
             "normalization": {
                 "scale": float(np.sqrt(self.geometry.d / mean_sq_norm)),
                 "mean_sq_norm": mean_sq_norm,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import json
 import os
 import signal
@@ -25,6 +24,7 @@ from saejax.config import config_from_dict
 from saejax.errors import ConfigError, SaeJaxError
 from saejax.preemption import Preempted
 from saejax.sweep.table import RUN_CONFIG_FILE, clear_failure, record_failure
+from saejax.workdir import WorkdirLock
 
 EXIT_BUG = 1
 PR_SET_PDEATHSIG = 1
@@ -46,21 +46,17 @@ def load_run_config(run_dir: str):
 
 @contextlib.contextmanager
 def run_locks(run_dirs: Sequence[str], log=print) -> Iterator[None]:
-    handles = []
+    """Hold each run directory's lock (the one `saejax train` takes), waiting for a holder to stop."""
+    locks = []
     try:
         for run_dir in run_dirs:
             os.makedirs(run_dir, exist_ok=True)
-            handle = open(os.path.join(run_dir, ".lock"), "a")
-            handles.append(handle)
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log(f"{run_dir} is being trained by another process; waiting for it to stop")
-                fcntl.flock(handle, fcntl.LOCK_EX)
+            locks.append(WorkdirLock(run_dir))
+            locks[-1].acquire(wait=True, log=log)
         yield
     finally:
-        for handle in handles:
-            handle.close()
+        for lock in locks:
+            lock.release()
 
 
 def train_runs(run_dirs: Sequence[str], configs, write_failures: bool = True) -> int:
