@@ -439,5 +439,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     The workdir is checked and locked first (one run per workdir); in a
     multi-process job a dead or failed peer ends every process (saejax.peers).
     """
+    validate(config, jax.device_count())  # a bad config is refused before the workdir is created
     with PeerWatchdog(), hold_workdir(workdir):
         return train_group([config], [workdir])[0]
