@@ -1,10 +1,12 @@
 """SAE families by config name (`sae.family`). A new family: one file + one line here."""
 
 from saejax.models.base import LossOutput, ParamSpec, SAEFamily
+from saejax.models.batchtopk import BatchTopK
 from saejax.models.topk import TopK
 
 FAMILIES: dict[str, type[SAEFamily]] = {
     TopK.name: TopK,
+    BatchTopK.name: BatchTopK,
 }
 
 
