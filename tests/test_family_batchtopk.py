@@ -34,7 +34,8 @@ def setup(cfg, mesh_shape, seed=0):
 
 
 def place(mesh, family, params):
-    return {name: jax.device_put(params[name], named(mesh, s.axes)) for name, s in family.param_specs().items()}
+    specs = family.param_specs()
+    return {name: jax.device_put(params[name], named(mesh, s.axes)) for name, s in specs.items()}
 
 
 def dense_pre(params, x):

@@ -2,11 +2,13 @@
 
 from saejax.models.base import LossOutput, ParamSpec, SAEFamily
 from saejax.models.batchtopk import BatchTopK
+from saejax.models.matryoshka import Matryoshka
 from saejax.models.topk import TopK
 
 FAMILIES: dict[str, type[SAEFamily]] = {
     TopK.name: TopK,
     BatchTopK.name: BatchTopK,
+    Matryoshka.name: Matryoshka,
 }
 
 

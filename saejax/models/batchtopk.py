@@ -227,7 +227,8 @@ class BatchTopK(TopK):
                 smallest = jnp.min(masked, axis=0)
             else:
                 flat = local_indices.reshape(-1)
-                counts = jnp.zeros((n_local,), jnp.int32).at[flat].add((z > threshold).reshape(-1).astype(jnp.int32))
+                hits = (z > threshold).reshape(-1).astype(jnp.int32)
+                counts = jnp.zeros((n_local,), jnp.int32).at[flat].add(hits)
                 smallest = jnp.full((n_local,), jnp.inf, jnp.float32).at[flat].min(masked.reshape(-1))
             active = jnp.sum(positive, dtype=jnp.float32)
             return {"partials": partials, "counts": counts, "active": active, "smallest": smallest}
@@ -277,7 +278,8 @@ class BatchTopK(TopK):
             out_specs=(partial_specs, batch, replicated, latent, latent, replicated, replicated),
         )
         dead_count = jnp.max(jnp.sum(dead.reshape(mesh.shape[MODEL_AXIS], -1), axis=1, dtype=jnp.int32))
-        return sharded(x, params["W_enc"], params["b_enc"], params["W_dec"], params["b_pre"], dead, dead_count)
+        return sharded(x, params["W_enc"], params["b_enc"], params["W_dec"], params["b_pre"], dead,
+                       dead_count)
 
     def loss(self, params, state, batch, ctx):
         partials, aux_recon, active, counts, smallest, tau, path = self.forward(
