@@ -7,7 +7,7 @@ from references.batchtopk import TOPK_DEFAULTS, batch_codes, perturb, prefix_los
 # Prefixes that cut through model shards (32 latents each on 1x8).
 OVERRIDES = {**TOPK_DEFAULTS, "sae.family": "matryoshka", "sae.matryoshka.k": 8, "sae.matryoshka.k_aux": 16,
              "sae.matryoshka.threshold_start_step": 0, "sae.matryoshka.prefixes": "10,50,100,256"}
-RECOVERY = 0.8
+RECOVERY = 0.5  # measured 0.540 from the defaults (1500 steps, k=8, prefixes 16,64,256,1024)
 __all__ = ["OVERRIDES", "RECOVERY", "perturb", "reference"]
 
 
