@@ -113,6 +113,37 @@ class TopK(SAEFamily):
 
     # ------------------------------------------------------------------ forward
 
+    def _auxk_recon(self, x, aux_values, aux_indices, offset, w_dec, dead, dead_count, n_local):
+        """Inside shard_map: AuxK's fit of the residual from the global top-k_aux dead latents of each token.
+
+        `aux_values`/`aux_indices` are this device's candidates from `encode_select`; zeros when AuxK is off.
+        """
+        if not self.k_aux:
+            return lp.vary(jnp.zeros_like(x), (DATA_AXIS,))
+        k_aux_local = min(self.k_aux, n_local)
+
+        def survivors():
+            aux_top, aux_top_idx = lp.global_top_k(aux_values, aux_indices + offset, self.k_aux, self.topk_impl)
+            return jax.nn.relu(aux_top), aux_top_idx
+
+        def no_dead():
+            return lp.vary(jnp.zeros_like(x), (DATA_AXIS,))
+
+        def block_decode(capacity):
+            return lambda: lp.decode_owned_block(*survivors(), w_dec, compact.member_ids(dead, capacity))
+
+        # The same branch as encode_select took: nothing dead / few dead (dense block) / many.
+        caps = compact.capacities(k_aux_local, n_local)
+        branches = [no_dead] + [block_decode(c) for c in caps] + [lambda: lp.decode_owned(*survivors(), w_dec)]
+        return jax.lax.switch(compact.branch_index(dead_count, caps), branches)
+
+    def _auxk_loss(self, batch, recon, aux_recon, dead):
+        """AuxK's nmse of the (stopped) residual; zero, never NaN, when nothing is dead or AuxK is off."""
+        if not self.k_aux:
+            return jnp.zeros((), jnp.float32)
+        residual = jax.lax.stop_gradient(batch - recon)
+        return jnp.where(jnp.any(dead), normalized_mse(residual, aux_recon), 0.0)
+
     def _per_shard(self, x, w_enc, b_enc, w_dec, b_pre, dead, dead_count):
         """Runs on one device: local candidates -> global top-k -> owned decode."""
         n_local = w_enc.shape[1]
@@ -132,23 +163,7 @@ class TopK(SAEFamily):
         recon = lp.decode_owned(codes_k, indices_k, w_dec) + b_pre
         recon_multi = lp.decode_owned(codes, top_indices, w_dec) + b_pre if self.multi_coef else recon
 
-        if self.k_aux:
-            def survivors():
-                aux_top, aux_top_idx = lp.global_top_k(aux_values, aux_indices + offset, self.k_aux, self.topk_impl)
-                return jax.nn.relu(aux_top), aux_top_idx
-
-            def no_dead():
-                return lp.vary(jnp.zeros_like(x), (DATA_AXIS,))
-
-            def block_decode(capacity):
-                return lambda: lp.decode_owned_block(*survivors(), w_dec, compact.member_ids(dead, capacity))
-
-            # The same branch as encode_select took: nothing dead / few dead (dense block) / many.
-            caps = compact.capacities(k_aux_local, n_local)
-            branches = [no_dead] + [block_decode(c) for c in caps] + [lambda: lp.decode_owned(*survivors(), w_dec)]
-            aux_recon = jax.lax.switch(compact.branch_index(dead_count, caps), branches)
-        else:
-            aux_recon = jnp.zeros_like(recon)
+        aux_recon = self._auxk_recon(x, aux_values, aux_indices, offset, w_dec, dead, dead_count, n_local)
 
         _, owned = lp.own_slots(indices_k, n_local)
         active = jnp.sum((owned & (codes_k > 0)).astype(jnp.float32))
@@ -178,14 +193,8 @@ class TopK(SAEFamily):
         if self.multi_coef:
             metrics["nmse_multi"] = normalized_mse(batch, recon_multi)
             loss = loss + self.multi_coef * metrics["nmse_multi"]
-        if self.k_aux:
-            residual = jax.lax.stop_gradient(batch - recon)
-            # Zero, never NaN, when nothing is dead (aux_recon is then all zeros).
-            auxk = jnp.where(jnp.any(dead), normalized_mse(residual, aux_recon), 0.0)
-            metrics["auxk_loss"] = auxk
-            loss = loss + self.auxk_coef * auxk
-        else:
-            metrics["auxk_loss"] = jnp.zeros((), jnp.float32)
+        metrics["auxk_loss"] = self._auxk_loss(batch, recon, aux_recon, dead)
+        loss = loss + self.auxk_coef * metrics["auxk_loss"]
         return loss, LossOutput(metrics=metrics, fire_counts=counts)
 
     # ------------------------------------------------------------------ accounting / export
