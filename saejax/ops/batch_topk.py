@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from saejax.sharding import DATA_AXIS, MODEL_AXIS
 
 ALL_AXES = (DATA_AXIS, MODEL_AXIS)
-_SIGN = jnp.uint32(0x80000000)
+_SIGN = np.uint32(0x80000000)  # numpy: a jnp constant here would start the backend at import
 
 
 def ordered_keys(values: jax.Array) -> jax.Array:
