@@ -71,6 +71,32 @@ def dense_reference_loss(params, x, dead, k, k_aux, auxk_coef, multi_k=None, mul
     return loss
 
 
+def train_steps(config, mesh_shape, steps):
+    """(final state on the host, per-step metrics) of `steps` compiled train steps on a fresh state."""
+    from saejax.algorithms import get_algorithm
+    from saejax.data import make_source
+    from saejax.data.pipeline import device_batch, host_batch
+    from saejax.models import get_family
+    from saejax.plan import batch_sharding, compile_train_step
+    from saejax.sharding import make_mesh
+
+    mesh = make_mesh(*mesh_shape)
+    algorithm = get_algorithm(get_family(config), config, mesh)
+    source = make_source(config)
+    abstract = algorithm.abstract_state(config.sae.init_sample_rows)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    sample = jnp.asarray(source.sample(config.sae.init_sample_rows))
+    state = jax.jit(algorithm.init_state, out_shardings=shardings)(jax.random.PRNGKey(0), sample)
+    step_fn = compile_train_step(algorithm, abstract, config.data.batch_size, mesh)
+    history = []
+    for step in range(steps):
+        batch = device_batch(host_batch(source, step, config.data.batch_size, 1.0), config.data.batch_size,
+                             batch_sharding(mesh))
+        state, metrics = step_fn(state, batch)
+        history.append(jax.device_get(metrics))
+    return jax.device_get(state), history
+
+
 def run_cli(*args, env=None, timeout=600, **kwargs):
     """Run `python -m saejax ARGS` in a fresh process (its own device count)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1"}

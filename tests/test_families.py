@@ -26,15 +26,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import small_config
+from helpers import small_config, train_steps
 from saejax.algorithms import FAMILY_STATE, get_algorithm
 from saejax.config import load_config
 from saejax.data import make_source
-from saejax.data.pipeline import device_batch, host_batch
+from saejax.data.pipeline import device_batch
 from saejax.export import load_sae
 from saejax.models import FAMILIES, get_family
 from saejax.models.base import LossContext
-from saejax.plan import batch_sharding, compile_train_step
+from saejax.plan import batch_sharding
 from saejax.sharding import make_mesh, named
 from saejax.trainer import train_and_evaluate
 
@@ -103,31 +103,12 @@ def test_loss_gradients_and_state_equal_the_dense_reference(name, mesh_shape):
     assert {"nmse", "l0"} <= set(out.metrics)
 
 
-def _train(config, mesh_shape, steps):
-    mesh = make_mesh(*mesh_shape)
-    family = get_family(config)
-    algorithm = get_algorithm(family, config, mesh)
-    source = make_source(config)
-    abstract = algorithm.abstract_state(config.sae.init_sample_rows)
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    sample = jnp.asarray(source.sample(config.sae.init_sample_rows))
-    state = jax.jit(algorithm.init_state, out_shardings=shardings)(jax.random.PRNGKey(0), sample)
-    step_fn = compile_train_step(algorithm, abstract, config.data.batch_size, mesh)
-    history = []
-    for step in range(steps):
-        batch = device_batch(host_batch(source, step, config.data.batch_size, 1.0), config.data.batch_size,
-                             batch_sharding(mesh))
-        state, metrics = step_fn(state, batch)
-        history.append(jax.device_get(metrics))
-    return jax.device_get(state), history
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_five_steps_sharded_equal_unsharded(name):
     config = family_config(name, **{"sae.dead_tokens": 128, "train.steps": 5})
-    reference, ref_history = _train(config, (1, 1), 5)
+    reference, ref_history = train_steps(config, (1, 1), 5)
     for mesh_shape in MESHES:
-        state, history = _train(config, mesh_shape, 5)
+        state, history = train_steps(config, mesh_shape, 5)
         # float32 sums reduced in another order (psums, per-shard partial sums): ~1e-7 per step.
         for path, leaf, ref_leaf in _paired_leaves(state, reference):
             np.testing.assert_allclose(leaf, ref_leaf, rtol=1e-4, atol=1e-5, err_msg=f"{mesh_shape} {path}")

@@ -8,10 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import dense_reference_loss, small_config
+from helpers import dense_reference_loss, small_config, train_steps
 from saejax.algorithms import get_algorithm
 from saejax.data import make_source
-from saejax.data.pipeline import device_batch, host_batch
 from saejax.models import get_family
 from saejax.models.base import LossContext
 from saejax.plan import all_gather_shapes, batch_sharding, compile_train_step
@@ -73,29 +72,13 @@ def test_auxk_is_zero_not_nan_when_nothing_is_dead():
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads.values())
 
 
-def _train(config, mesh_shape, steps):
-    mesh, family, algorithm = _setup(config, mesh_shape)
-    source = make_source(config)
-    abstract = algorithm.abstract_state(config.sae.init_sample_rows)
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    sample = jnp.asarray(source.sample(config.sae.init_sample_rows))
-    state = jax.jit(algorithm.init_state, out_shardings=shardings)(jax.random.PRNGKey(0), sample)
-    step_fn = compile_train_step(algorithm, abstract, config.data.batch_size, mesh)
-    history = []
-    for step in range(steps):
-        batch = device_batch(host_batch(source, step, config.data.batch_size, 1.0), config.data.batch_size, batch_sharding(mesh))
-        state, metrics = step_fn(state, batch)
-        history.append(jax.device_get(metrics))
-    return jax.device_get(state), history
-
-
 def test_five_steps_sharded_equal_unsharded():
     # dead_tokens small enough that latents die within the 5 steps, so AuxK is exercised too.
     config = small_config(**{"sae.dead_tokens": 128, "train.steps": 5})
-    reference, ref_history = _train(config, (1, 1), 5)
+    reference, ref_history = train_steps(config, (1, 1), 5)
     assert ref_history[-1]["dead_fraction"] > 0 and ref_history[-1]["auxk_loss"] > 0
     for mesh_shape in MESHES:
-        state, history = _train(config, mesh_shape, 5)
+        state, history = train_steps(config, mesh_shape, 5)
         # Tolerance: float32 sums are reduced in a different order when the batch or the
         # latents are split (psum of partial reconstructions, per-shard partial sums), a
         # relative difference of ~1e-7 per step; Adam's normalised update passes it on
