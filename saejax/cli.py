@@ -1,9 +1,10 @@
-"""`saejax` command line: harvest, train, plan, store, sweep, fit, frontier.
+"""`saejax` command line: harvest, train, eval, plan, store, sweep, fit, frontier.
 
   saejax harvest --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] --store DIR
   saejax train   --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] --workdir DIR
   saejax plan    --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] [--devices N]
   saejax store   DIR
+  saejax eval    RUN_DIR [--config.eval.KEY=VALUE ...]
   saejax sweep   STUDY.py --workdir DIR [--parallel N] [--one-pass] [--point I] [--list]
   saejax fit     SWEEP_DIR [--metric nmse] [--bootstrap 1000] [--family NAME] [--out DIR]
   saejax frontier SWEEP_DIR [--metric nmse] [--out DIR]
@@ -59,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     harvest = commands.add_parser("harvest", help="store a model's activations at a hookpoint (continues an interrupted harvest)")
     harvest.add_argument("--config", default=DEFAULT_HARVEST_CONFIG, help=config_help.replace("default:n=2048,k=16", "minilm:hookpoint=resid_post.5"))
     harvest.add_argument("--store", required=True, help="store directory: zarr3 arrays, metadata.json, ledger.json")
+
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a trained SAE: reconstruction, downstream LM loss, probes, ablation, explanations")
+    evaluate.add_argument("run_dir", help="run directory (what `saejax train --workdir` wrote)")
 
     store = commands.add_parser("store", help="describe an activation store (its ledger)")
     store.add_argument("path", help="store directory")
@@ -158,6 +163,14 @@ def _describe_store(path: str, ledger: dict) -> str:
     ])
 
 
+def _eval(args, overrides) -> int:
+    from saejax.evaluation.run import evaluate_run, format_report
+
+    report = evaluate_run(args.run_dir, overrides=overrides, log=lambda m: print(m, file=sys.stderr))
+    print(format_report(report))
+    return 0
+
+
 def _store(args) -> int:
     from saejax.store.layout import read_ledger
 
@@ -188,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from saejax.distributed import initialize_from_env
 
             initialize_from_env()
+        if args.command == "eval":
+            return _eval(args, overrides)
         if args.command == "sweep":
             from saejax.sweep.command import main as sweep_main
 

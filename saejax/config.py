@@ -29,6 +29,7 @@ BUILTIN_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 GENERIC_SAE_KEYS = ("family", "d", "n", "dead_tokens", "fire_threshold", "dense_threshold", "init_sample_rows")
 # Keys that change how a run reports, not what it trains: outside its identity and sweep hash.
 REPORTING_KEYS = ("sae.dense_threshold",)
+REPORTING_GROUPS = ("eval",)  # evaluation settings: a run evaluated otherwise is the same run
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -92,6 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep_every = 0  # also keep every checkpoint whose step is a multiple of this
     c.checkpoint.async_save = True
 
+    c.eval = _eval_group()
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1  # data-parallel groups (-1: all devices not used by model)
     c.mesh.model = -1  # devices the dictionary is split over (-1: the rest)
@@ -115,6 +118,22 @@ _VARIANT_ALIASES = {
     "model": "mesh.model",
     "path": "data.path",
 }
+
+
+def _eval_group() -> ml_collections.ConfigDict:
+    """`eval.*`: what `saejax eval` (and the end of every run) computes; see saejax.evaluation."""
+    from saejax.evaluation import EVALUATORS
+
+    group = ml_collections.ConfigDict()
+    group.at_end = True  # evaluate when training finishes (single-process runs; else run `saejax eval`)
+    group.model = ""  # the LM to run; empty: the model the store was harvested from
+    group.device = "cpu"  # torch device of the LM: cpu, cuda, cuda:1, ...
+    group.contexts = 64  # held-out contexts (the store's text after what it harvested)
+    group.batch_contexts = 8  # contexts per LM forward pass
+    group.progress = True  # progress bars on stderr
+    for name, evaluator in EVALUATORS.items():
+        group[name] = ml_collections.ConfigDict({"enabled": True, **evaluator.defaults()})
+    return group
 
 
 def apply_variant(config: ml_collections.ConfigDict, arg: str | None, aliases: dict[str, str] | None = None) -> ml_collections.ConfigDict:
@@ -373,6 +392,8 @@ def validate(config, num_devices: int) -> tuple[int, int]:
     _require(ckpt.keep_every >= 0, f"checkpoint.keep_every={ckpt.keep_every} must be >= 0")
     _require(config.device_memory_gb >= 0, f"device_memory_gb={config.device_memory_gb} must be >= 0")
 
+    _check_eval(config)
+
     try:
         mesh_data, mesh_model = resolve_mesh_shape(config.mesh.data, config.mesh.model, num_devices)
     except ValueError as e:
@@ -406,6 +427,16 @@ def _check_inactive_groups(config) -> None:
 
 
 # ---------------------------------------------------------------------------- run identity
+
+
+def _check_eval(config) -> None:
+    from saejax.evaluation import EVALUATORS
+
+    _require(config.eval.contexts >= 1, f"eval.contexts={config.eval.contexts} must be >= 1")
+    _require(config.eval.batch_contexts >= 1, f"eval.batch_contexts={config.eval.batch_contexts} must be >= 1")
+    for name, evaluator in EVALUATORS.items():
+        problems = evaluator.check(config.eval[name], config)
+        _require(not problems, "; ".join(problems))
 
 
 def _group_names() -> dict[str, list[str]]:
@@ -446,6 +477,8 @@ def active_tree(values) -> dict:
     for dotted in REPORTING_KEYS:
         parent, leaf = dotted.split(".")
         tree.get(parent, {}).pop(leaf, None)
+    for group in REPORTING_GROUPS:
+        tree.pop(group, None)
     return tree
 
 

@@ -288,7 +288,25 @@ class _Run:
             dictionary = to_host(self.family.dictionary(params))  # gathered: shards may be on other hosts
             results["feature_recovery_mmcs"] = self.source.feature_recovery(dictionary)
         write_results(self.workdir, results)
-        return results
+        return self.evaluate_at_end(results)
+
+    def evaluate_at_end(self, results: dict[str, Any]) -> dict[str, Any]:
+        """`saejax eval` on the finished run (single-process jobs; a failure here keeps the trained run)."""
+        if not self.config.eval.at_end:
+            return results
+        if jax.process_count() > 1:
+            log(f"{self.workdir}: evaluate with `saejax eval {self.workdir}` (not run at the end of "
+                "multi-process jobs: it runs on one host)")
+            return results
+        from saejax.evaluation.run import evaluate_run
+
+        try:
+            evaluate_run(self.workdir, self.config, log=log)
+        except SaeJaxError as e:
+            log(f"{self.workdir}: evaluation failed, the trained SAE is kept: {e}. "
+                f"Fix and run `saejax eval {self.workdir}`")
+            return results
+        return read_results(self.workdir) or results
 
 
 def _shared_setup(configs) -> tuple[Any, Any]:

@@ -259,6 +259,19 @@ def test_saejax_fit_options_and_errors(tmp_path, capsys):
     assert not (sweep / "fit").exists()
     capsys.readouterr()
 
+    # Several metrics, e.g. the evaluation's downstream loss and probe loss against n: one fit each.
+    rows = [_row(n, 8, 0, 0.2 + 1 / n, ce_delta=0.05 + 40.0 * n**-0.6, probe_loss=0.3 + 3.0 * n**-0.4)
+            for n in (2**e for e in range(8, 14))]
+    (tmp_path / "eval_sweep").mkdir()
+    (tmp_path / "eval_sweep" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli_main(["fit", str(tmp_path / "eval_sweep"), "--metric", "ce_delta,probe_loss", "--bootstrap", "0"]) == 0
+    for metric, exponent in (("ce_delta", -0.6), ("probe_loss", -0.4)):
+        fit = json.loads((tmp_path / "eval_sweep" / "fit" / metric / "fit.json").read_text())
+        assert fit["metric"] == metric
+        law = next(f for f in fit["fits"] if f["law"] == "L(n)")
+        assert law["params"]["b"] == pytest.approx(exponent, abs=1e-3)
+    assert "== probe_loss ==" in capsys.readouterr().out
+
     missing = tmp_path / "nothing"
     assert cli_main(["fit", str(missing)]) == 2
     assert capsys.readouterr().err.strip() == (f"saejax fit: error: no results.jsonl in {missing}: "

@@ -27,7 +27,7 @@ def harvest_config() -> ml_collections.ConfigDict:
     c.seed = 0  # the write-time shuffle and the store's train/eval chunk split
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = ""  # Hub name, local directory, or package:MODULE (MODULE.get_model_path())
+    c.model.name = ""  # Hub name, local directory, package:MODULE (MODULE.get_model_path()), gguf:PACKAGE/FILE
     c.model.revision = ""  # Hub branch, tag or commit (recorded in the ledger)
     c.model.kind = "auto"  # auto: AutoModel (no head); causal_lm: AutoModelForCausalLM
     c.model.dtype = "float32"  # dtype the model runs in
@@ -64,7 +64,7 @@ def harvest_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_co
 
 def validate_harvest(config) -> None:
     _check_schema(config, harvest_config())
-    _require(bool(config.model.name), "model.name is empty; give a Hub name, a local directory or package:MODULE")
+    _require(bool(config.model.name), "model.name is empty; give a Hub name, a local directory, package:MODULE or gguf:PACKAGE/FILE")
     _require(config.model.kind in MODEL_KINDS, f"model.kind={config.model.kind!r} is not one of {MODEL_KINDS}")
     _require(config.model.dtype in MODEL_DTYPES, f"model.dtype={config.model.dtype!r} is not one of {MODEL_DTYPES}")
     _require(config.context_length >= 2, f"context_length={config.context_length} must be >= 2")

@@ -113,7 +113,14 @@ def tokenizer_hash(tokenizer) -> str:
     """sha256 of the tokenizer's full definition (fast tokenizers) or its vocabulary."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        text = backend.to_str()
+        from tokenizers import Tokenizer
+
+        # Truncation and padding are call-time state (transformers sets and clears them
+        # on each call), not the tokenizer's definition: hashed cleared, as after a call.
+        copy = Tokenizer.from_str(backend.to_str())
+        copy.no_truncation()
+        copy.no_padding()
+        text = copy.to_str()
     else:
         text = repr(sorted(tokenizer.get_vocab().items())) + repr(tokenizer.all_special_ids)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -23,8 +23,9 @@ from saejax.scaling import defaults
 def add_arguments(parser) -> None:
     parser.add_argument("sweep_dir", help="sweep directory written by `saejax sweep` (or its results.jsonl file)")
     parser.add_argument("--metric", default=defaults.METRIC,
-                        help=f"numeric column of results.jsonl to fit (default {defaults.METRIC}: held-out "
-                             "normalised MSE; e.g. train_nmse)")
+                        help=f"numeric column(s) of results.jsonl to fit, comma-separated (default "
+                             f"{defaults.METRIC}: held-out normalised MSE; e.g. train_nmse, or the evaluation's "
+                             "ce_delta,probe_loss,kl_spliced: each then into OUT/METRIC)")
     parser.add_argument("--out", default=None,
                         help=f"directory for fit.json, fit.md and the PNGs (default SWEEP_DIR/{defaults.OUT_SUBDIR})")
     parser.add_argument("--bootstrap", type=int, default=defaults.BOOTSTRAP,
@@ -71,26 +72,31 @@ def main(args) -> int:
     out_dir = args.out or os.path.join(os.path.dirname(results.path), defaults.OUT_SUBDIR)
     if results.failed:
         print(_failed_note(results.failed))
+    metrics = [m.strip() for m in args.metric.split(",") if m.strip()]
+    for metric in metrics:
+        # One metric writes into out_dir itself; several, each into out_dir/METRIC.
+        target = out_dir if len(metrics) == 1 else os.path.join(out_dir, metric)
+        if len(metrics) > 1:
+            print(f"\n== {metric} ==")
+        # Shown only on a terminal, and only if the bootstrap takes more than a couple of seconds.
+        bar = tqdm(desc="bootstrap refits", unit="fit", delay=2, disable=None, file=sys.stderr, leave=False)
+        try:
+            sweep_fit = fit_sweep(results, metric=metric, n_bootstrap=args.bootstrap,
+                                  confidence=args.confidence, seed=args.seed,
+                                  progress=bar.update, on_plan=lambda total: bar.reset(total=total))
+        finally:
+            bar.close()
+        for note in sweep_fit.notes:
+            print(f"note: {note}")
+        print(format_report(sweep_fit))
 
-    # Shown only on a terminal, and only if the bootstrap takes more than a couple of seconds.
-    bar = tqdm(desc="bootstrap refits", unit="fit", delay=2, disable=None, file=sys.stderr, leave=False)
-    try:
-        sweep_fit = fit_sweep(results, metric=args.metric, n_bootstrap=args.bootstrap,
-                              confidence=args.confidence, seed=args.seed,
-                              progress=bar.update, on_plan=lambda total: bar.reset(total=total))
-    finally:
-        bar.close()
-    for note in sweep_fit.notes:
-        print(f"note: {note}")
-    print(format_report(sweep_fit))
-
-    os.makedirs(out_dir, exist_ok=True)
-    json_path, markdown_path = os.path.join(out_dir, "fit.json"), os.path.join(out_dir, "fit.md")
-    write_json_atomic(json_path, sweep_fit.as_dict())
-    write_text_atomic(markdown_path, format_markdown(sweep_fit))
-    plots, plot_notes = save_plots(results, sweep_fit, out_dir)
-    for note in plot_notes:
-        print(f"note: {note}")
-    print(f"\nwrote {json_path}, {markdown_path}")
-    print("plots: " + ", ".join(plots))
+        os.makedirs(target, exist_ok=True)
+        json_path, markdown_path = os.path.join(target, "fit.json"), os.path.join(target, "fit.md")
+        write_json_atomic(json_path, sweep_fit.as_dict())
+        write_text_atomic(markdown_path, format_markdown(sweep_fit))
+        plots, plot_notes = save_plots(results, sweep_fit, target)
+        for note in plot_notes:
+            print(f"note: {note}")
+        print(f"\nwrote {json_path}, {markdown_path}")
+        print("plots: " + ", ".join(plots))
     return 0

@@ -25,9 +25,12 @@ TABLE_JSONL = "results.jsonl"
 TABLE_CSV = "results.csv"
 FAILURE_FILE = "failure.json"
 RUN_CONFIG_FILE = "config.json"
+# The evaluation's headline figures (saejax.evaluation), null where a run skipped them.
+EVAL_COLUMNS = ("loss_recovered", "ce_delta", "ce_spliced", "ce_clean", "kl_spliced", "probe_loss",
+                "ablation_sparsity", "explain_f1")
 COLUMNS = ("run", "status", "family", "n", "k", "sparsity_control", "sparsity_value", "seed", "tokens", "steps",
-           "nmse", "train_nmse", "l0", "dead_fraction", "dense_fraction", "explained_variance", "flops",
-           "wall_time_s", "config_hash", "error", "run_dir", "point")
+           "nmse", "train_nmse", "l0", "dead_fraction", "dense_fraction", "explained_variance",
+           *EVAL_COLUMNS, "flops", "wall_time_s", "config_hash", "error", "run_dir", "point")
 
 
 def finished(spec: RunSpec) -> dict[str, Any] | None:
@@ -94,7 +97,8 @@ def _row(spec: RunSpec, workdir: str) -> dict[str, Any] | None:
                    dead_fraction=train.get("dead_fraction"),
                    dense_fraction=held_out.get("dense_fraction", train.get("dense_fraction")),
                    explained_variance=held_out.get("explained_variance"),
-                   flops=results.get("total_flops"), wall_time_s=results.get("wall_time_s"))
+                   flops=results.get("total_flops"), wall_time_s=results.get("wall_time_s"),
+                   **{key: held_out.get(key) for key in EVAL_COLUMNS})
         return row
     failed = failure(spec)
     if failed is not None:
