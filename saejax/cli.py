@@ -108,6 +108,17 @@ def _train(args, config) -> int:
         results.get("final_train_metrics", {}).get("dead_fraction", float("nan"))))
     if "feature_recovery_mmcs" in results:
         summary.append(f"  feature recovery (mean max cosine to the true dictionary) {results['feature_recovery_mmcs']:.4f}")
+    evaluated = results.get("eval") or {}
+    if evaluated:
+        figures = [f"{label} {metrics[key]:.4g}" for key, label in (
+            ("loss_recovered", "loss recovered"), ("ce_delta", "CE +"), ("kl_spliced", "KL"),
+            ("probe_loss", "probe loss"), ("ablation_sparsity", "ablation sparsity"),
+            ("explain_f1", "n-gram F1")) if isinstance(metrics.get(key), float)]
+        if figures:
+            summary.append("  eval: " + "  ".join(figures))
+        for name, reason in evaluated.get("skipped", {}).items():
+            summary.append(f"  eval: {name} skipped: {reason}")
+        summary.append(f"  eval:    {evaluated['file']}")
     summary.append(f"  results: {os.path.join(args.workdir, 'results.json')}")
     summary.append(f"  SAE:     {results['files']['sae']} (+ cfg.json)")
     print("\n".join(summary))

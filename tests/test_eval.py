@@ -223,7 +223,7 @@ def test_a_model_without_lm_head_skips_the_downstream_metrics_with_a_note(tokeni
     config.lock()
     train_and_evaluate(config, str(tmp_path / "run"))
     report = json.load(open(tmp_path / "run" / "eval.json"))
-    note = f"{bare} (architectures ['GPT2Model']) was saved without a causal LM head: the downstream metrics need one, skipped"
+    note = f"{bare} (architectures ['GPT2Model']) was saved without a causal LM head, which the downstream metrics need"
     assert report["skipped"] == {"downstream": note, "ablation": note}
     assert sorted(report["evaluators"]) == ["explain", "probes", "reconstruction"]
 

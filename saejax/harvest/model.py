@@ -92,9 +92,15 @@ def _source(config) -> tuple[str, dict[str, Any]]:
                   "local_files_only": os.path.isdir(path)}  # a local model never touches the Hub
 
 
-def has_lm_head(model_config) -> bool:
-    """Whether the checkpoint was saved with a causal LM head (not a head transformers would initialise)."""
+def has_lm_head(model_config, gguf: bool = False) -> bool:
+    """Whether the checkpoint was saved with a causal LM head (not a head transformers would initialise).
+
+    A GGUF file is a language model's checkpoint (llama.cpp runs it as one) with its output
+    weights or tied embeddings; transformers leaves `architectures` unset for it.
+    """
     names = getattr(model_config, "architectures", None) or []
+    if not names and gguf:
+        return True
     return any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in names)
 
 
@@ -149,7 +155,7 @@ def _load(config, causal_lm: bool, wants_head: bool) -> tuple[Any, Any, dict[str
             model_config = transformers.AutoConfig.from_pretrained(path, **kwargs)
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot read the config of model {config.model.name!r}: {e}") from None
-        if not has_lm_head(model_config):
+        if not has_lm_head(model_config, gguf="gguf_file" in kwargs):
             raise NoLanguageModelHead(
                 f"{config.model.name} (architectures {getattr(model_config, 'architectures', None)}) was saved "
                 "without a causal LM head")
