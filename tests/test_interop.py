@@ -160,9 +160,13 @@ def test_openai_topk_with_layer_norm_round_trips(tmp_path):
     _close(_saelens_loaded(out, batch["x"])[1], batch["recon"])
 
 
-def test_hookpoint_names_follow_each_library(tmp_path):
+def test_hookpoint_names_follow_each_library(tmp_path, capsys):
+    from saejax.cli import main
+
     run = _run(tmp_path, "topk")
-    out = export_run(run, "saelens", str(tmp_path / "saelens"))
+    assert main(["export", run, "--format", "saelens", "--out", str(tmp_path / "saelens")]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == ["  cfg.json", "  sae_weights.safetensors"]
+    out = str(tmp_path / "saelens")
     assert json.load(open(os.path.join(out, "cfg.json")))["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
     out = export_run(run, "sparsify", str(tmp_path / "sparsify"))
     assert os.listdir(out) == ["layers.3"]
@@ -370,7 +374,7 @@ def test_unknown_architecture_and_transcoder(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_refusals_leave_nothing_behind(tmp_path):
+def test_refusals_leave_nothing_behind(tmp_path, capsys):
     run = _run(tmp_path, "prolu")
     with pytest.raises(InteropError) as e:
         export_run(run, "saelens", str(tmp_path / "out"))
@@ -382,6 +386,11 @@ def test_refusals_leave_nothing_behind(tmp_path):
     with pytest.raises(InteropError, match=r"inference threshold was never estimated"):
         export_spec({**tensors, "threshold": np.float32(np.inf)}, cfg, "dictionary_learning", str(tmp_path / "out"))
     assert sorted(os.listdir(tmp_path)) == ["run-prolu", "run-topk"]  # no output, no temp directory
+    from saejax.cli import main
+
+    assert main(["export", run, "--format", "sparsify", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == ("saejax export: error: the sparsify format cannot hold a prolu SAE; it "
+                                       "holds topk; formats that hold prolu: none\n")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(InteropError, match=r"full already exists and is not an empty directory"):
