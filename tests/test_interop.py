@@ -110,13 +110,14 @@ def _openai_loaded(out, x):
 
 def _dictionary_learning_loaded(out, x):
     pytest.importorskip("dictionary_learning")
-    from dictionary_learning.dictionary import AutoEncoder, JumpReluAutoEncoder
+    from dictionary_learning.dictionary import AutoEncoder, GatedAutoEncoder, JumpReluAutoEncoder
     from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
     from dictionary_learning.trainers.top_k import AutoEncoderTopK
 
     with open(os.path.join(out, "config.json")) as f:
         name = json.load(f)["trainer"]["dict_class"]
-    cls = {c.__name__: c for c in (AutoEncoder, JumpReluAutoEncoder, BatchTopKSAE, AutoEncoderTopK)}[name]
+    classes = (AutoEncoder, GatedAutoEncoder, JumpReluAutoEncoder, BatchTopKSAE, AutoEncoderTopK)
+    cls = {c.__name__: c for c in classes}[name]
     ae = cls.from_pretrained(os.path.join(out, "ae.pt"))
     with torch.no_grad():
         codes = ae.encode(_t(x))
@@ -265,6 +266,7 @@ def test_import_sparsify_saved(tmp_path):
     ("openai_topk", "openai", "topk"), ("openai_relu", "openai", "relu"),
     ("dl_relu", "dictionary_learning", "relu"), ("dl_topk", "dictionary_learning", "topk"),
     ("dl_batchtopk", "dictionary_learning", "batchtopk"), ("dl_jumprelu", "dictionary_learning", "jumprelu"),
+    ("dl_gated", "dictionary_learning", "gated"),
 ])
 def test_import_fixture_written_by_the_library(tmp_path, name, fmt, family):
     src = os.path.join(FIXTURES, name, "ae.pt" if fmt == "openai" else "")

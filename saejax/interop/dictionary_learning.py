@@ -13,6 +13,8 @@ weights. The dictionaries saejax reads and writes:
   (one scalar) -> saejax batchtopk with a global threshold (Matryoshka exports as it).
 - JumpReluAutoEncoder: W_enc (d, n), b_enc, W_dec (n, d), b_dec, threshold (n); it
   does not subtract b_dec before encoding, so b_enc is shifted by b_dec @ W_enc.
+- GatedAutoEncoder: decoder_bias, encoder.weight (n, d), r_mag, gate_bias, mag_bias,
+  decoder.weight (d, n); saejax gated's b_dec, W_enc, r_mag, b_gate, b_mag, W_dec.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from saejax.interop.common import InteropError
 NAME = "dictionary_learning"
 WEIGHTS_FILE = "ae.pt"
 CONFIG_FILE = "config.json"
-FAMILIES = ("relu", "topk", "batchtopk", "matryoshka", "jumprelu")
+FAMILIES = ("relu", "topk", "batchtopk", "matryoshka", "jumprelu", "gated")
 _CLASS = {"relu": "AutoEncoder", "topk": "AutoEncoderTopK", "batchtopk": "BatchTopKSAE",
-          "matryoshka": "BatchTopKSAE", "jumprelu": "JumpReluAutoEncoder"}
+          "matryoshka": "BatchTopKSAE", "jumprelu": "JumpReluAutoEncoder", "gated": "GatedAutoEncoder"}
 _IMPORTED = {"AutoEncoder": "relu", "AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk",
-             "JumpReluAutoEncoder": "jumprelu"}
+             "JumpReluAutoEncoder": "jumprelu", "GatedAutoEncoder": "gated"}
+_GATED = {"decoder_bias": "b_dec", "encoder.weight": "W_enc", "r_mag": "r_mag", "gate_bias": "b_gate",
+          "mag_bias": "b_mag", "decoder.weight": "W_dec"}  # dictionary_learning name -> saejax name
 _WHAT = "a dictionary_learning SAE directory holds ae.pt + config.json (as its trainSAE writes them)"
 
 
@@ -52,6 +56,9 @@ def write(tensors, cfg, out: str) -> list[str]:
     if family == "jumprelu":
         t = common.input_bias_into_encoder(tensors, "b_dec", -1.0)
         state = common.to_torch({k: t[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")})
+    elif family == "gated":
+        state = common.to_torch({dl: tensors[ours] for dl, ours in _GATED.items()})
+        state["encoder.weight"], state["decoder.weight"] = state["encoder.weight"].T, state["decoder.weight"].T
     else:
         state = common.to_torch({"encoder.weight": tensors["W_enc"].T, "encoder.bias": tensors["b_enc"],
                                  "decoder.weight": tensors["W_dec"].T})
@@ -96,6 +103,9 @@ def read(src: str):
         names = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
         common.require_keys(state, names, path, f"the tensors of a {dict_class}")
         d, n = common.to_numpy(state["W_enc"]).shape
+    elif family == "gated":
+        common.require_keys(state, tuple(_GATED), path, f"the tensors of a {dict_class}")
+        n, d = common.to_numpy(state["encoder.weight"]).shape
     else:
         bias = "bias" if family == "relu" else "b_dec"
         names = ("encoder.weight", "encoder.bias", "decoder.weight", bias)
@@ -118,6 +128,11 @@ def read(src: str):
             raise InteropError(f"{path}: tensor 'threshold' has negative entries; saejax's jumprelu equals "
                                "relu(pre) * (pre > threshold) only for thresholds >= 0")
         t = common.input_bias_into_encoder(t, "b_dec", +1.0)
+    elif family == "gated":
+        shapes = {"decoder_bias": (d,), "encoder.weight": (n, d), "r_mag": (n,), "gate_bias": (n,),
+                  "mag_bias": (n,), "decoder.weight": (d, n)}
+        t = {ours: get(dl, shapes[dl]) for dl, ours in _GATED.items()}
+        t["W_enc"], t["W_dec"] = t["W_enc"].T, t["W_dec"].T
     else:
         t = {"W_enc": get("encoder.weight", (n, d)).T, "b_enc": get("encoder.bias", (n,)),
              "W_dec": get("decoder.weight", (d, n)).T, "b_pre": get(bias, (d,))}
