@@ -161,14 +161,21 @@ def test_openai_topk_with_layer_norm_round_trips(tmp_path):
     _close(_saelens_loaded(out, batch["x"])[1], batch["recon"])
 
 
-def test_hookpoint_names_follow_each_library(tmp_path, capsys):
+def test_hookpoint_and_store_facts_follow_each_library(tmp_path, capsys):
     from saejax.cli import main
 
-    run = _run(tmp_path, "topk")
+    tensors, cfg = _spec("topk")
+    cfg["data"]["path"] = _store(tmp_path / "store")
+    run = str(tmp_path / "run-topk")
+    os.mkdir(run)
+    export_sae(run, tensors, cfg)
     assert main(["export", run, "--format", "saelens", "--out", str(tmp_path / "saelens")]) == 0
     assert capsys.readouterr().out.splitlines()[1:] == ["  cfg.json", "  sae_weights.safetensors"]
     out = str(tmp_path / "saelens")
-    assert json.load(open(os.path.join(out, "cfg.json")))["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
+    metadata = json.load(open(os.path.join(out, "cfg.json")))["metadata"]
+    assert metadata["hook_name"] == "blocks.3.hook_resid_post" and metadata["model_name"] == "test-model"
+    assert (metadata["context_size"], metadata["prepend_bos"], metadata["exclude_special_tokens"],
+            metadata["dataset_path"]) == (8, True, True, "test-text")
     out = export_run(run, "sparsify", str(tmp_path / "sparsify"))
     assert os.listdir(out) == ["layers.3"]
     for fmt, src in (("saelens", tmp_path / "saelens"), ("sparsify", tmp_path / "sparsify")):
@@ -293,7 +300,8 @@ def _store(path, rows=512):
     writer = StoreWriter(str(path), {"model": {"name": "test-model"}, "hookpoint": HOOK},
                          Geometry(d=D, dtype="float32", chunk_rows=32, shard_rows=128), 7, 1)
     writer.add(0, acts, tokens)
-    writer.finish({"hookpoint_convention": "test"})
+    writer.finish({"hookpoint_convention": "test", "context_length": 8, "text": {"source": "test-text"},
+                   "excluded_tokens": {"special_tokens_excluded": True, "template_prefix": [101]}})
     return str(path)
 
 

@@ -120,6 +120,21 @@ def source_model(cfg: dict[str, Any]) -> str | None:
     return model.get("name") if isinstance(model, dict) else model
 
 
+def store_facts(cfg: dict[str, Any]) -> dict[str, Any]:
+    """context_size, prepend_bos, exclude_special_tokens of the store a run trained on, where readable."""
+    path = (cfg.get("data") or {}).get("path")
+    if not path or not os.path.isfile(os.path.join(path, "ledger.json")):
+        return {}
+    with open(os.path.join(path, "ledger.json")) as f:
+        ledger = json.load(f)
+    excluded = ledger.get("excluded_tokens") or {}
+    facts = {"context_size": ledger.get("context_length"), "dataset_path": (ledger.get("text") or {}).get("source"),
+             "exclude_special_tokens": excluded.get("special_tokens_excluded")}
+    if "template_prefix" in excluded:
+        facts["prepend_bos"] = bool(excluded["template_prefix"])
+    return {k: v for k, v in facts.items() if v is not None}
+
+
 # ---------------------------------------------------------------------------- files
 
 

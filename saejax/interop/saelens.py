@@ -51,6 +51,7 @@ def write(tensors, cfg, out: str) -> list[str]:
         "metadata": {"model_name": common.source_model(cfg), "hook_name": hook,
                      "hook_head_index": None, "prepend_bos": None, "exclude_special_tokens": None,
                      "context_size": None, "dataset_path": None, "sae_lens_training_version": None,
+                     **common.store_facts(cfg),
                      "saejax": {"family": family, "activation": cfg.get("activation"),
                                 "sparsity_control": cfg.get("sparsity_control"),
                                 "normalization": cfg.get("normalization"),
