@@ -8,6 +8,8 @@
   saejax sweep   STUDY.py --workdir DIR [--parallel N] [--one-pass] [--point I] [--list]
   saejax fit     SWEEP_DIR [--metric nmse] [--bootstrap 1000] [--family NAME] [--out DIR]
   saejax frontier SWEEP_DIR [--metric nmse] [--out DIR]
+  saejax export  RUN_DIR --format saelens|sparsify|openai|dictionary_learning --out DIR
+  saejax import  SRC --format saelens|sparsify|openai|dictionary_learning --out RUN_DIR
 
 CONFIG is a path to a Python file with get_config(), or the name of a
 built-in config: for train and plan default, minilm, npy, gpt2_small,
@@ -82,7 +84,34 @@ def _parser() -> argparse.ArgumentParser:
 
     add_frontier_arguments(commands.add_parser(
         "frontier", help="every family of a sweep on one nmse-L0 frontier: a plot and a table"))
+    from saejax.interop import FORMATS
+
+    formats = "|".join(FORMATS)
+    export = commands.add_parser("export", help="write a run's SAE in another library's format")
+    export.add_argument("run_dir", help="saejax run directory (sae.safetensors + cfg.json)")
+    export.add_argument("--format", required=True, choices=list(FORMATS), metavar=formats)
+    export.add_argument("--out", required=True, help="new directory to write (nothing is overwritten)")
+    imp = commands.add_parser("import", help="convert another library's SAE into a saejax run directory")
+    imp.add_argument("src", help="the other library's SAE (file or directory)")
+    imp.add_argument("--format", required=True, choices=list(FORMATS), metavar=formats)
+    imp.add_argument("--out", required=True, help="new run directory: sae.safetensors + cfg.json")
     return parser
+
+
+def _interop(args) -> int:
+    import os
+
+    from saejax.interop import export_run, import_sae
+
+    if args.command == "export":
+        out = export_run(args.run_dir, args.format, args.out)
+    else:
+        out = import_sae(args.src, args.format, args.out)
+    print(f"{args.command}ed ({args.format}): {out}")
+    for root, _, files in sorted(os.walk(out)):
+        for name in sorted(files):
+            print(f"  {os.path.relpath(os.path.join(root, name), out)}")
+    return 0
 
 
 def _simulate_cpu_devices(count: int) -> None:
@@ -194,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     overrides = _split_overrides(extra, parser)
     try:
+        if args.command in ("export", "import"):
+            if overrides:
+                parser.error(f"saejax {args.command} takes no --config overrides")
+            return _interop(args)
         if args.command in ("store", "fit", "frontier"):
             if overrides:
                 parser.error(f"saejax {args.command} takes no --config overrides")

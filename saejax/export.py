@@ -24,6 +24,7 @@ from saejax.errors import write_failed
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
+LAYER_NORM = "layer_norm"  # normalization.method of a per-token layer norm (OpenAI TopK, SAELens)
 
 _DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int32): "I32",
            np.dtype(np.int64): "I64", np.dtype(np.float64): "F64"}
@@ -197,6 +198,13 @@ class SAE:
     are in the units of the activations given (pass `normalized=True` to skip
     that). `tensors` are numpy arrays by their exported names, `cfg` the
     parsed cfg.json, `family` the saejax family object.
+
+    An SAE imported from OpenAI's TopK checkpoints (or SAELens's
+    `normalize_activations="layer_norm"`) carries `normalization.method =
+    "layer_norm"` instead of a scale: each token is centred and divided by its
+    (unbiased) standard deviation + eps before encoding, and the
+    reconstruction is multiplied back by it. `decode` then needs those
+    per-token statistics, so use `reconstruct` (or `normalized=True`).
     """
 
     def __init__(self, tensors: dict[str, np.ndarray], cfg: dict[str, Any]):
@@ -206,7 +214,10 @@ class SAE:
 
         self.tensors, self.cfg = tensors, cfg
         self.family = _family_from_cfg(cfg)
-        self.scale = float((cfg.get("normalization") or {}).get("scale", 1.0))
+        normalization = cfg.get("normalization") or {}
+        self.layer_norm = normalization.get("method") == LAYER_NORM
+        self.eps = float(normalization.get("eps", 1e-5))
+        self.scale = float(normalization.get("scale", 1.0))
         self.mesh = make_mesh(1, 1, jax.devices()[:1])
         self.params = {name: jnp.asarray(value) for name, value in tensors.items()}
         self._encode = jax.jit(lambda p, x: self.family.encode(p, x, self.mesh))
@@ -224,7 +235,17 @@ class SAE:
         x = np.asarray(x, np.float32)
         if x.ndim != 2 or x.shape[1] != self.d:
             raise ValueError(f"expected activations of shape (tokens, {self.d}), got {x.shape}")
-        return x if normalized else x * np.float32(self.scale)
+        return x if normalized else self.normalize(x)[0]
+
+    def normalize(self, x) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """(x in the units the SAE encodes, (mean, std) to undo it per token) of raw activations."""
+        x = np.asarray(x, np.float32)
+        if not self.layer_norm:
+            return x * np.float32(self.scale), (np.float32(0), np.float32(1 / self.scale))
+        mu = x.mean(axis=-1, keepdims=True)
+        centred = x - mu
+        std = centred.std(axis=-1, ddof=1, keepdims=True)
+        return centred / (std + np.float32(self.eps)), (mu, std)
 
     def encode(self, x, normalized: bool = False):
         """Codes (SparseCodes or DenseCodes of numpy arrays) of a (tokens, d) batch."""
@@ -232,14 +253,24 @@ class SAE:
 
     def decode(self, codes, normalized: bool = False) -> np.ndarray:
         recon = np.asarray(jax.device_get(self._decode(self.params, codes)))
-        return recon if normalized else recon / np.float32(self.scale)
+        if normalized:
+            return recon
+        if self.layer_norm:
+            raise ValueError("this SAE layer-normalises each token (cfg.json normalization.method = "
+                             "layer_norm): decoding needs the token's mean and std; use reconstruct(x), "
+                             "or decode(codes, normalized=True) for the normalised reconstruction")
+        return recon / np.float32(self.scale)
 
     def __iter__(self):
         """Unpacks as (tensors, cfg), what load_sae returned before it returned an SAE."""
         return iter((self.tensors, self.cfg))
 
     def reconstruct(self, x, normalized: bool = False) -> np.ndarray:
-        return self.decode(self.encode(x, normalized), normalized)
+        if normalized or not self.layer_norm:
+            return self.decode(self.encode(x, normalized), normalized)
+        x = self._input(x, True)  # the shape check
+        xn, (mu, std) = self.normalize(x)
+        return self.decode(self.encode(xn, True), True) * std + mu
 
     def dense_codes(self, x, normalized: bool = False) -> np.ndarray:
         """(tokens, n) codes as one dense numpy array."""
