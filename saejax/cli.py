@@ -4,7 +4,7 @@
   saejax train   --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] --workdir DIR
   saejax plan    --config CONFIG[:VARIANT] [--config.KEY=VALUE ...] [--devices N]
   saejax store   DIR
-  saejax eval    RUN_DIR [--config.eval.KEY=VALUE ...]
+  saejax eval    RUN_DIR [--store STORE] [--config.eval.KEY=VALUE ...]
   saejax sweep   STUDY.py --workdir DIR [--parallel N] [--one-pass] [--point I] [--list]
   saejax fit     SWEEP_DIR [--metric nmse] [--bootstrap 1000] [--family NAME] [--out DIR]
   saejax frontier SWEEP_DIR [--metric nmse] [--out DIR]
@@ -65,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval", help="evaluate a trained SAE: reconstruction, downstream LM loss, probes, ablation, explanations")
-    evaluate.add_argument("run_dir", help="run directory (what `saejax train --workdir` wrote)")
+    evaluate.add_argument("run_dir", help="run directory (what `saejax train --workdir` or `saejax import` wrote)")
+    evaluate.add_argument("--store", default="",
+                          help="activation store to evaluate on (needed for an imported SAE; default: the run's)")
 
     store = commands.add_parser("store", help="describe an activation store (its ledger)")
     store.add_argument("path", help="store directory")
@@ -206,7 +208,8 @@ def _describe_store(path: str, ledger: dict) -> str:
 def _eval(args, overrides) -> int:
     from saejax.evaluation.run import evaluate_run, format_report
 
-    report = evaluate_run(args.run_dir, overrides=overrides, log=lambda m: print(m, file=sys.stderr))
+    report = evaluate_run(args.run_dir, overrides=overrides, log=lambda m: print(m, file=sys.stderr),
+                          store=args.store)
     print(format_report(report))
     return 0
 

@@ -343,3 +343,27 @@ def _held(tiny, lm, count):
             break
     ids, keep = np.stack([c.ids for c in contexts]), np.stack([c.keep for c in contexts])
     return HeldOutContexts(ids, keep, lm.capture(ids, keep), 0)
+
+
+def test_an_imported_sae_is_evaluated_on_a_store(tiny, tmp_path, capsys):
+    from saejax.cli import main
+    from saejax.interop import export_run, import_sae
+
+    export_run(tiny.run, "saelens", str(tmp_path / "saelens"))
+    imported = import_sae(str(tmp_path / "saelens"), "saelens", str(tmp_path / "imported"))
+    with pytest.raises(ConfigError, match=r"has an SAE but no results.json \(an imported SAE\): say which "
+                                          "activations to evaluate it on with --store STORE"):
+        evaluate_run(imported)
+    assert main(["eval", imported, "--store", tiny.store, "--config.eval.progress=false",
+                 "--config.eval.contexts=4", "--config.eval.ablation.enabled=false",
+                 "--config.eval.explain.enabled=false", "--config.eval.probes.enabled=false"]) == 0
+    assert "loss_recovered" in capsys.readouterr().out
+    report = json.load(open(os.path.join(imported, "eval.json")))
+    original = json.load(open(os.path.join(tiny.run, "eval.json")))
+    assert report["family"] == "topk" and report["skipped"] == {}
+    assert report["evaluators"]["downstream"]["ce_clean"] == pytest.approx(
+        evaluate_run(tiny.run, overrides=[("eval.progress", "false"), ("eval.contexts", "4"),
+                                          ("eval.probes.enabled", "false"), ("eval.explain.enabled", "false"),
+                                          ("eval.ablation.enabled", "false")])
+        ["evaluators"]["downstream"]["ce_clean"])
+    assert original["evaluators"]["reconstruction"]["tokens"] > 0

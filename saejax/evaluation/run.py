@@ -18,19 +18,54 @@ from saejax.errors import ConfigError
 EVAL_FILE = "eval.json"
 
 
-def run_config(run_dir: str, overrides: Sequence[tuple[str, str]] = ()):
-    """The run's saved config (results.json) with `eval.*` overrides applied."""
+def _imported_config(run_dir: str, store: str):
+    """The config of an SAE with no results.json (`saejax import`): its cfg.json on `store`."""
+    import json
+
+    from saejax.config import base_config, set_value
+    from saejax.export import CONFIG_FILE
+
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise ConfigError(f"{run_dir} holds no finished run (no results.json with its config) and no exported SAE "
+                          "(no cfg.json); train it to the end first (`saejax train ... --workdir RUN_DIR`) or "
+                          "import one (`saejax import`)")
+    if not store:
+        raise ConfigError(f"{run_dir} has an SAE but no results.json (an imported SAE): say which activations to "
+                          "evaluate it on with --store STORE")
+    with open(path) as f:
+        cfg = json.load(f)
+    config = base_config()
+    set_value(config, "sae.family", cfg["family"])
+    set_value(config, "sae.d", int(cfg["d"]))
+    set_value(config, "sae.n", int(cfg["n"]))
+    for key, value in (cfg.get("options") or {}).items():
+        set_value(config, f"sae.{cfg['family']}.{key}", value)
+    set_value(config, "data.source", "store")
+    set_value(config, "data.path", store)
+    set_value(config, "data.batch_size", 256)  # only the store's size check reads it: evaluation batches itself
+    return config
+
+
+def run_config(run_dir: str, overrides: Sequence[tuple[str, str]] = (), store: str = ""):
+    """The run's saved config (results.json) with `eval.*` overrides applied.
+
+    An imported SAE (cfg.json, no results.json) is evaluated on `store`; a trained
+    run can be evaluated on another store than its own the same way.
+    """
     from saejax.config import base_config, config_from_dict, set_value
     from saejax.results import read_results
 
     results = read_results(run_dir)
     if results is None or "config" not in results:
-        raise ConfigError(f"{run_dir} holds no finished run (no results.json with its config); "
-                          "train it to the end first (`saejax train ... --workdir RUN_DIR`) or import one")
-    config = config_from_dict(results["config"])
-    config.unlock()
-    if "eval" not in results["config"]:  # a run trained before evaluation settings existed
-        config.eval = base_config().eval
+        config = _imported_config(run_dir, store)
+    else:
+        config = config_from_dict(results["config"])
+        config.unlock()
+        if "eval" not in results["config"]:  # a run trained before evaluation settings existed
+            config.eval = base_config().eval
+        if store:
+            config.data.source, config.data.path = "store", store
     for key, value in overrides:
         if not key.startswith("eval."):
             raise ConfigError(f"--config.{key}: `saejax eval` takes only eval.* settings (the run's other "
@@ -41,7 +76,7 @@ def run_config(run_dir: str, overrides: Sequence[tuple[str, str]] = ()):
 
 
 def evaluate_run(run_dir: str, config=None, overrides: Sequence[tuple[str, str]] = (),
-                 log=None) -> dict[str, Any]:
+                 log=None, store: str = "") -> dict[str, Any]:
     """Evaluate the SAE in `run_dir`; returns what eval.json holds."""
     from tqdm.auto import tqdm
 
@@ -55,7 +90,7 @@ def evaluate_run(run_dir: str, config=None, overrides: Sequence[tuple[str, str]]
     run_dir = os.path.abspath(os.path.expanduser(run_dir))
     if not os.path.isdir(run_dir):
         raise ConfigError(f"run directory {run_dir} does not exist")
-    config = config if config is not None else run_config(run_dir, overrides)
+    config = config if config is not None else run_config(run_dir, overrides, store)
     _check_eval(config)
     progress = bool(config.eval.progress)
     inputs = EvalInputs(run_dir, config, progress)
