@@ -240,7 +240,7 @@ def test_synthetic_runs_skip_the_model_metrics(tmp_path):
     assert report["skipped"]["probes"] == "data.source=synthetic: no language model behind these activations"
     recon = report["evaluators"]["reconstruction"]
     assert recon["feature_recovery_mmcs"] == pytest.approx(results["feature_recovery_mmcs"], abs=1e-6)
-    assert recon["nmse"] == pytest.approx(results["eval_metrics"]["nmse"], rel=1e-4)
+    assert recon["nmse"] == pytest.approx(results["eval_metrics"]["nmse"], rel=0.05)  # more tokens
 
 
 # --------------------------------------------------------------------------- metrics vs references

@@ -111,6 +111,8 @@ class EvalInputs:
         """Why the model-based evaluators cannot run (a note), or None."""
         if self.ledger is None:
             return f"data.source={self.config.data.source}: no language model behind these activations"
+        if not (self.ledger.get("hookpoint") and (self.ledger.get("identity") or {}).get("model")):
+            return f"the store {self.source.path} records no model and hookpoint (not written by `saejax harvest`)"
         if needs_head and self.lm is None:  # loading (or failing to: a clear error) happens here
             return self._model_error
         return None
