@@ -97,11 +97,12 @@ class EvalInputs:
 
     def harvest_config(self):
         """The store's harvest config, with eval.model in place of its model if given."""
+        from saejax.config import flatten
         from saejax.harvest.config import harvest_config
 
         config = harvest_config()
         identity = dict(self.ledger["identity"])
-        config.update_from_flattened_dict({k: v for k, v in _flatten(identity).items() if _has(config, k)})
+        config.update_from_flattened_dict({k: v for k, v in flatten(identity).items() if _has(config, k)})
         if self.config.eval.model:
             config.model.name = self.config.eval.model
         config.model.device = self.config.eval.device
@@ -215,16 +216,6 @@ class _BareModel:
         ids_t = torch.from_numpy(np.asarray(ids, np.int64)).to(self.device)
         value = self.hook.capture(self.model, input_ids=ids_t, attention_mask=torch.ones_like(ids_t))
         return value.detach().to(torch.float32).cpu().numpy()[np.asarray(keep, bool)]
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _has(config, dotted: str) -> bool:
