@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     `sae.<family>` holds each registered family's own keys (saejax.models.FAMILIES);
     only the group of `sae.family` is used by a run.
     """
+    from saejax.algorithms import ALGORITHMS
     from saejax.models import FAMILIES
 
     c = ml_collections.ConfigDict()
@@ -86,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.compute_dtype = "float32"  # matmul inputs; bfloat16 on accelerators, loss stays float32
     c.train.topk_impl = "auto"  # one of TOPK_IMPLS
     c.train.progress = True  # progress bar on stderr
+    for name, algorithm in ALGORITHMS.items():  # `train.<algorithm>`: keys of algorithms that own some
+        if algorithm.defaults() is not None:
+            c.train[name] = algorithm.defaults()
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500  # 0 disables periodic saves (a final one is still written)
@@ -355,6 +359,7 @@ def validate(config, num_devices: int) -> tuple[int, int]:
     _require(sae.n >= 1, f"sae.n={sae.n} must be >= 1")
     _check_inactive_groups(config)
     FAMILIES[sae.family].check(sae[sae.family], config)
+    ALGORITHMS[train.algorithm].check(train.get(train.algorithm), config)
     _require(0 < sae.dead_tokens < 2**31, f"sae.dead_tokens={sae.dead_tokens} must be in (0, 2^31)")
     _require(0 < sae.dense_threshold <= 1, f"sae.dense_threshold={sae.dense_threshold} must be in (0, 1]")
     _require(sae.init_sample_rows >= 1, f"sae.init_sample_rows={sae.init_sample_rows} must be >= 1")
@@ -412,8 +417,20 @@ def validate(config, num_devices: int) -> tuple[int, int]:
 
 
 def _check_inactive_groups(config) -> None:
-    """A key of a family other than sae.family, changed from its default, is a mistake: say so."""
+    """A key of a family other than sae.family (or of an algorithm other than train.algorithm),
+    changed from its default, is a mistake: say so."""
+    from saejax.algorithms import ALGORITHMS
     from saejax.models import FAMILIES
+
+    for name, algorithm in ALGORITHMS.items():
+        if name == config.train.algorithm or algorithm.defaults() is None:
+            continue
+        defaults = flatten(algorithm.defaults().to_dict())
+        for key, value in flatten(config.train[name].to_dict()).items():
+            if value != defaults.get(key):
+                raise ConfigError(
+                    f"config key 'train.{name}.{key}' is set ({value!r}) but belongs to algorithm {name!r}, "
+                    f"and train.algorithm={config.train.algorithm!r}; set train.algorithm={name} or remove the key")
 
     for name, family in FAMILIES.items():
         if name == config.sae.family:

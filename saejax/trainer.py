@@ -197,6 +197,7 @@ class _Run:
                 f"{self._last_good()} Lower optim.lr (now {values.get('lr', float('nan')):.3g}) or check the data, "
                 "then resume from that checkpoint."
             )
+        self.algorithm.check_metrics(step, values)  # e.g. a closed-form solve that did not converge
         now = time.time()
         self.tokens_per_sec = (step - self.window_step) * self.batch_size / max(now - self.window_time, 1e-9)
         if step % self.config.train.log_every == 0 or step == self.steps:

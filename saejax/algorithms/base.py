@@ -47,6 +47,20 @@ def firing_metrics(counts: jax.Array, batch_tokens: int, since_fired: jax.Array,
 class TrainAlgorithm(abc.ABC):
     name: str
 
+    # ------------------------------------------------------------------ config (class level)
+
+    @classmethod
+    def defaults(cls):
+        """The algorithm's own keys (the group `train.<name>`), or None when it has none."""
+        return None
+
+    @classmethod
+    def check(cls, options, config) -> None:
+        """Raise ConfigError for bad values (`options` = config.train.<name>, None without a group)."""
+
+    def check_metrics(self, step: int, values: dict[str, float]) -> None:
+        """Raise a SaeJaxError when a step's fetched metrics show a failure of the algorithm itself."""
+
     def __init__(self, family: SAEFamily, config, mesh: Mesh):
         self.family = family
         self.config = config

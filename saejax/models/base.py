@@ -93,6 +93,10 @@ class SAEFamily(abc.ABC):
     name: ClassVar[str]
     sparsity_key: ClassVar[str]
     has_k: ClassVar[bool] = False
+    # True when decode(codes) is exactly codes @ W_dec + params[decoder_bias] (closed-form decoder
+    # solvers such as PAM-SGD rely on it); a family must declare it, so the default is False.
+    decoder_linear_in_codes: ClassVar[bool] = False
+    decoder_bias: ClassVar[str] = "b_pre"  # the parameter added to the reconstruction
 
     # ------------------------------------------------------------------ config (class level)
 

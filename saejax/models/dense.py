@@ -118,7 +118,8 @@ class DenseFamily(SAEFamily, abc.ABC):
     """A family with dense codes z (B, n), x_hat = z @ W_dec + decoder bias, and an L1 penalty."""
 
     sparsity_key = "l1_coef"
-    decoder_bias: str = "b_pre"  # the parameter added to the output (and subtracted before encoding)
+    decoder_linear_in_codes = True
+    decoder_bias = "b_pre"  # the parameter added to the output (and subtracted before encoding)
 
     def __init__(self, config):
         super().__init__(config)

@@ -125,6 +125,8 @@ class JumpReLU(SAEFamily):
     name = "jumprelu"
     sparsity_key = "l0_coef"
     has_k = False
+    decoder_linear_in_codes = True
+    decoder_bias = "b_dec"
 
     @classmethod
     def defaults(cls):

@@ -58,6 +58,7 @@ class TopK(SAEFamily):
     name = "topk"
     sparsity_key = "k"
     has_k = True
+    decoder_linear_in_codes = True
 
     @classmethod
     def defaults(cls):
