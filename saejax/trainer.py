@@ -66,7 +66,8 @@ def check_resumable(saved_config: dict, config) -> None:
     """Refuse to resume a checkpoint written with other identity keys; name the keys that differ."""
     saved, current = active_tree(saved_config), active_tree(config)
     before, now = {}, {}
-    for key in IDENTITY_KEYS:
+    # The chosen algorithm's own group (train.<algorithm>.*) is identity too.
+    for key in IDENTITY_KEYS + (f"train.{config.train.algorithm}",):
         before.update(_leaves(_get(saved, key), key))
         now.update(_leaves(_get(current, key), key))
     changed = [k for k in sorted(set(before) | set(now))
