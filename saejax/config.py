@@ -488,6 +488,10 @@ def active_tree(values) -> dict:
             if name != choices[parent] or not isinstance(group, dict):
                 continue
             if parent == "sae":
+                from saejax.models import FAMILIES
+
+                late = FAMILIES[name].unhashed_defaults() if name in FAMILIES else {}
+                group = {k: v for k, v in group.items() if not (k in late and v == late[k])}
                 node.update(group)  # the family's keys, where they were before family groups
             else:
                 node[name] = group

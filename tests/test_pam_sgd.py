@@ -335,3 +335,54 @@ def test_decoder_solve_plan_at_a_million_latents_on_64_devices():
     for shape in big:  # nothing latent-sized is paired with tokens or latents: no n x n, no tokens x n
         others = sorted(shape)[:-1]
         assert all(x <= d for x in others), shape
+
+
+# ---------------------------------------------------------------------------- TopK as the reference's
+
+
+def _reference_abs_topk_loss(params, x, k):
+    """Signed values of the k largest |x @ W_enc + b_enc| (no pre-bias), decoded plus b_pre: by hand."""
+    pre = x @ params["W_enc"] + params["b_enc"]
+    order = jnp.argsort(-jnp.abs(pre), axis=1)[:, :k]
+    rows = jnp.arange(x.shape[0])[:, None]
+    z = jnp.zeros_like(pre).at[rows, order].set(pre[rows, order])
+    recon = z @ params["W_dec"] + params["b_pre"]
+    return jnp.sum((x - recon) ** 2) / jnp.sum((x - x.mean(0)) ** 2), z
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (2, 4)])
+def test_topk_abs_select_without_pre_bias_equals_the_plain_computation(mesh_shape):
+    from saejax.data import make_source
+    from saejax.models.base import LossContext
+
+    config = small_config(**{"sae.topk.abs_select": True, "sae.topk.pre_bias": False, "sae.topk.auxk_coef": 0.0,
+                             "mesh.data": mesh_shape[0], "mesh.model": mesh_shape[1]})
+    validate(config, 8)
+    mesh = make_mesh(*mesh_shape)
+    family = get_family(config)
+    x = jnp.asarray(make_source(config).read(0, 64))
+    params = family.init_params(jax.random.PRNGKey(0), x)
+    keys = jax.random.split(jax.random.PRNGKey(1), 2)
+    params = {**params, "b_enc": 0.1 * jax.random.normal(keys[0], (256,)),
+              "b_pre": 0.3 * jax.random.normal(keys[1], (16,))}
+    ctx = LossContext(step=jnp.zeros((), jnp.int32), dead=jnp.zeros((256,), bool), mesh=mesh)
+    (loss, out), grads = jax.jit(jax.value_and_grad(lambda p: family.loss(p, {}, x, ctx), has_aux=True))(params)
+    (ref_loss, z), ref_grads = jax.value_and_grad(lambda p: _reference_abs_topk_loss(p, x, 8), has_aux=True)(params)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for name in params:  # b_pre gets gradient from the output only: it is not subtracted before encoding
+        np.testing.assert_allclose(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    assert float(jnp.min(z)) < 0, "signed codes are kept"
+    np.testing.assert_array_equal(out.fire_counts, np.sum(np.asarray(z) != 0, axis=0))
+    codes = jax.jit(lambda p, b: family.encode(p, b, mesh))(params, x)
+    dense = np.zeros((64, 256), np.float32)
+    np.put_along_axis(dense, np.asarray(codes.indices), np.asarray(codes.values), axis=1)
+    np.testing.assert_allclose(dense, z, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_reference_options_keep_defaults_and_refuse_auxk():
+    assert active_tree(small_config()) == active_tree(small_config(**{"sae.topk.pre_bias": True}))
+    assert active_tree(small_config(**{"sae.topk.abs_select": True}))["sae"]["abs_select"] is True
+    with pytest.raises(ConfigError) as error:
+        validate(small_config(**{"sae.topk.abs_select": True}), 1)
+    assert str(error.value) == ("sae.topk.abs_select=true has no AuxK (dead latents have no sign to select by); "
+                                "set sae.topk.auxk_coef=0")

@@ -109,6 +109,12 @@ class SAEFamily(abc.ABC):
     def check(cls, options, config) -> None:
         """Raise ConfigError for bad values of the family's keys (`options` = config.sae.<name>)."""
 
+    @classmethod
+    def unhashed_defaults(cls) -> dict[str, Any]:
+        """Keys added to the group after runs existed: left out of run identity at these values,
+        so those runs keep their identity and sweep hash."""
+        return {}
+
     # ------------------------------------------------------------------ construction
 
     def __init__(self, config):

@@ -1,6 +1,9 @@
 """TopK SAE (Gao et al. 2024), latent-sharded.
 
 pre = (x - b_pre) @ W_enc + b_enc;  z = ReLU(TopK_k(pre));  x_hat = z @ W_dec + b_pre.
+Options for the SplInterp reference's variant (Budd et al. 2025): `abs_select` keeps the k
+largest |pre| with their signs (no ReLU; no AuxK), `pre_bias=false` encodes x itself
+(pre = x @ W_enc + b_enc; b_pre is only the decoder's bias). Defaults: Gao et al.'s TopK.
 Loss: nmse(x, x_hat) [+ multi_topk_coef * nmse at multi_topk_factor*k]
       [+ auxk_coef * AuxK loss over dead latents].
 """
@@ -29,6 +32,7 @@ from saejax.ops import compact
 from saejax.ops import latent_parallel as lp
 from saejax.ops.geometric_median import geometric_median
 from saejax.ops.sparse import make_encode_select
+from saejax.ops.topk import top_k
 from saejax.sharding import DATA_AXIS, MODEL_AXIS, spec
 
 
@@ -59,6 +63,7 @@ class TopK(SAEFamily):
     sparsity_key = "k"
     has_k = True
     decoder_linear_in_codes = True
+    abs_select, pre_bias = False, True  # Gao et al.'s; subclasses with other groups keep these
 
     @classmethod
     def defaults(cls):
@@ -68,7 +73,13 @@ class TopK(SAEFamily):
         g.multi_topk = False  # add multi_topk_coef * nmse at multi_topk_factor * k
         g.multi_topk_factor = 4
         g.multi_topk_coef = 1 / 8
+        g.abs_select = False  # select the k largest |pre| and keep their signed values (SplInterp)
+        g.pre_bias = True  # subtract b_pre before encoding (false: b_pre is only the output bias)
         return g
+
+    @classmethod
+    def unhashed_defaults(cls):
+        return {"abs_select": False, "pre_bias": True}  # added later: runs before them keep their ids
 
     @classmethod
     def check(cls, options, config):
@@ -76,6 +87,9 @@ class TopK(SAEFamily):
         require(1 <= options.k <= n, f"sae.topk.k={options.k} must be between 1 and sae.n={n}")
         check_auxk(options, "sae.topk")
         require(options.multi_topk_factor >= 1, f"sae.topk.multi_topk_factor={options.multi_topk_factor} must be >= 1")
+        require(not options.abs_select or options.auxk_coef == 0,
+                "sae.topk.abs_select=true has no AuxK (dead latents have no sign to select by); "
+                "set sae.topk.auxk_coef=0")
 
     def __init__(self, config):
         super().__init__(config)
@@ -85,6 +99,7 @@ class TopK(SAEFamily):
         self.multi_coef = float(o.multi_topk_coef) if o.multi_topk else 0.0
         self.auxk_coef = float(o.auxk_coef)
         self.k_aux = resolve_k_aux(o, self.d, self.n)
+        self.abs_select, self.pre_bias = bool(o.abs_select), bool(o.pre_bias)
 
     # ------------------------------------------------------------------ params
 
@@ -145,21 +160,42 @@ class TopK(SAEFamily):
         residual = jax.lax.stop_gradient(batch - recon)
         return jnp.where(jnp.any(dead), normalized_mse(residual, aux_recon), 0.0)
 
+    def _encoder_center(self, b_pre):
+        return b_pre if self.pre_bias else jnp.zeros_like(b_pre)
+
+    def _abs_top_k(self, x, w_enc, b_enc, center, k):
+        """Inside shard_map: the global k largest |pre| of each token, signed values and global indices."""
+        n_local = w_enc.shape[1]
+        dtype = jnp.dtype(self.compute_dtype)
+        pre = jnp.dot((x - center).astype(dtype), w_enc.astype(dtype), preferred_element_type=jnp.float32) + b_enc
+        _, pos = top_k(jnp.abs(pre), min(k, n_local), self.topk_impl)
+        values = jnp.take_along_axis(pre, pos, axis=1)
+        all_values = jax.lax.all_gather(values, MODEL_AXIS, axis=1, tiled=True)
+        all_indices = jax.lax.all_gather(pos.astype(jnp.int32) + lp.latent_offset(n_local), MODEL_AXIS,
+                                         axis=1, tiled=True)
+        _, best = top_k(jnp.abs(all_values), k, self.topk_impl)
+        return jnp.take_along_axis(all_values, best, axis=1), jnp.take_along_axis(all_indices, best, axis=1)
+
     def _per_shard(self, x, w_enc, b_enc, w_dec, b_pre, dead, dead_count):
         """Runs on one device: local candidates -> global top-k -> owned decode."""
         n_local = w_enc.shape[1]
         k_aux_local = min(self.k_aux, n_local)
-        encode_select = make_encode_select(
-            min(self.k_multi, n_local), k_aux_local, self.compute_dtype, self.topk_impl
-        )
-        values, indices, aux_values, aux_indices = encode_select(
-            lp.vary(x), lp.vary(b_pre), lp.vary(w_enc), lp.vary(b_enc), dead, dead_count
-        )
+        center = self._encoder_center(b_pre)
         offset = lp.latent_offset(n_local)
+        if self.abs_select:  # signed codes of the k largest |pre|; AuxK is refused with it
+            codes, top_indices = self._abs_top_k(lp.vary(x), lp.vary(w_enc), lp.vary(b_enc), lp.vary(center),
+                                                 self.k_multi)
+            aux_values = aux_indices = jnp.zeros(x.shape[:1] + (0,), jnp.float32)
+        else:
+            encode_select = make_encode_select(
+                min(self.k_multi, n_local), k_aux_local, self.compute_dtype, self.topk_impl
+            )
+            values, indices, aux_values, aux_indices = encode_select(
+                lp.vary(x), lp.vary(center), lp.vary(w_enc), lp.vary(b_enc), dead, dead_count
+            )
+            top_values, top_indices = lp.global_top_k(values, indices + offset, self.k_multi, self.topk_impl)
+            codes = jax.nn.relu(top_values)
         w_dec = lp.vary(w_dec)
-
-        top_values, top_indices = lp.global_top_k(values, indices + offset, self.k_multi, self.topk_impl)
-        codes = jax.nn.relu(top_values)
         codes_k, indices_k = codes[:, : self.k], top_indices[:, : self.k]
         recon = lp.decode_owned(codes_k, indices_k, w_dec) + b_pre
         recon_multi = lp.decode_owned(codes, top_indices, w_dec) + b_pre if self.multi_coef else recon
@@ -167,9 +203,9 @@ class TopK(SAEFamily):
         aux_recon = self._auxk_recon(x, aux_values, aux_indices, offset, w_dec, dead, dead_count, n_local)
 
         _, owned = lp.own_slots(indices_k, n_local)
-        active = jnp.sum((owned & (codes_k > 0)).astype(jnp.float32))
+        active = jnp.sum((owned & (codes_k != 0)).astype(jnp.float32))
         active = jax.lax.psum(active, (DATA_AXIS, MODEL_AXIS))
-        counts = lp.fire_counts(codes_k, indices_k, n_local, self.fire_threshold)
+        counts = lp.fire_counts(jnp.abs(codes_k), indices_k, n_local, self.fire_threshold)
         return recon, recon_multi, aux_recon, active, counts
 
     def forward(self, params, x, dead, mesh: Mesh):
@@ -216,6 +252,10 @@ class TopK(SAEFamily):
 
     def _encode_shard(self, x, w_enc, b_enc, b_pre):
         n_local = w_enc.shape[1]
+        b_pre = self._encoder_center(b_pre)
+        if self.abs_select:
+            values, indices = self._abs_top_k(lp.vary(x), lp.vary(w_enc), lp.vary(b_enc), lp.vary(b_pre), self.k)
+            return jax.lax.pmax(values, MODEL_AXIS), jax.lax.pmax(indices, MODEL_AXIS)
         encode_select = make_encode_select(min(self.k, n_local), 0, self.compute_dtype, self.topk_impl)
         no_dead = jnp.zeros((n_local,), bool)
         values, indices, _, _ = encode_select(lp.vary(x), lp.vary(b_pre), lp.vary(w_enc), lp.vary(b_enc),
@@ -242,6 +282,12 @@ class TopK(SAEFamily):
         return decode(codes.values, codes.indices, params["W_dec"]) + params["b_pre"]
 
     def activation(self):
+        if self.abs_select or not self.pre_bias:
+            center = "(x - b_pre)" if self.pre_bias else "x"
+            select = "signed values of the k largest |pre|" if self.abs_select else "relu(topk_k(pre))"
+            return {"kind": "topk", "k": self.k, "postact": "none" if self.abs_select else "relu",
+                    "select": "abs" if self.abs_select else "value", "pre_bias": self.pre_bias,
+                    "encode": f"pre = {center} @ W_enc + b_enc; z = {select}", "decode": "x_hat = z @ W_dec + b_pre"}
         return {"kind": "topk", "k": self.k, "postact": "relu",
                 "encode": "z = relu(topk_k((x - b_pre) @ W_enc + b_enc))",
                 "decode": "x_hat = z @ W_dec + b_pre"}
