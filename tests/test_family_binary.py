@@ -237,3 +237,68 @@ def test_the_covariance_step_at_n_2e18_on_64_devices_holds_no_n_by_n_buffer():
     assert plan["largest"] <= max(m * m, d * m, (b // data) * m), plan
     assert plan["widest"] < n, plan
     assert plan["temp_bytes"] < 4 * n * n / model, plan
+
+
+# ---------------------------------------------------------------------------- feature-set entropy
+
+HAND_X = np.array([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]], np.float32)
+H_QUARTER = 0.25 * 2 + 0.75 * np.log2(4 / 3)  # H_b(1/4) = 0.811278 bits
+
+
+def hand_built_sae():
+    """d=2, n=4: latent 0 fires where x_0 > 0, 1 where x_1 > 0, 2 where x_0 < 0, 3 never."""
+    from saejax.export import SAE
+
+    family = get_family(config(**{"sae.d": 2, "sae.n": 4}))
+    params = {"W_enc": jnp.asarray([[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 0.0, 0.0]]),
+              "b_enc": jnp.asarray([0.0, 0.0, 0.0, -1.0]),
+              "W_dec": jnp.ones((4, 2)), "b_dec": jnp.zeros((2,))}
+    tensors, cfg = family.export(params)
+    return SAE({k: np.asarray(v) for k, v in tensors.items()}, cfg)
+
+
+def test_feature_set_entropy_of_a_hand_built_bae():
+    from saejax.entropy import entropy, entropy_from_counts
+
+    # On HAND_X latents 0 and 1 fire on 3 of 4 tokens, latent 2 on 1, latent 3 on none.
+    assert entropy(hand_built_sae(), HAND_X) == pytest.approx(3 * H_QUARTER, abs=1e-12)
+    assert entropy_from_counts(np.array([2, 4, 0]), 4) == 1.0  # one latent half on; always/never: 0
+    with pytest.raises(ValueError, match="the entropy of a set of 0 tokens is not defined"):
+        entropy_from_counts(np.zeros(3), 0)
+
+
+def test_the_feature_entropy_evaluator_reports_the_whole_set_and_the_batch_mean():
+    import types
+
+    from saejax.evaluation import EVALUATORS
+
+    sae = hand_built_sae()
+    inputs = types.SimpleNamespace(sae=sae, heldout_rows=lambda tokens: [HAND_X],
+                                   config=types.SimpleNamespace(sae=types.SimpleNamespace(fire_threshold=0.0)))
+    options = types.SimpleNamespace(tokens=4, batch=2)
+    evaluator = EVALUATORS["feature_entropy"]()
+    figures = evaluator.run(inputs, options)
+    # Batch 1 (rows 0-1): latent 1 half on = 1 bit; batch 2 (rows 2-3): latents 0 and 2 = 2 bits.
+    assert figures["entropy_bits"] == pytest.approx(3 * H_QUARTER, abs=1e-12)
+    assert figures["batch_entropy_bits"] == 1.5 and figures["batches"] == 2 and figures["tokens"] == 4
+    assert evaluator.headline(figures) == {"feature_entropy_bits": figures["entropy_bits"],
+                                           "batch_feature_entropy_bits": 1.5}
+
+
+def test_a_trained_bae_logs_its_entropy_and_saejax_eval_reports_the_held_out_one(tmp_path):
+    from saejax.entropy import entropy
+    from saejax.evaluation.inputs import EvalInputs
+    from saejax.export import load_sae
+    from saejax.trainer import train_and_evaluate
+
+    cfg = config(**{"train.steps": 3, "eval.progress": False, "eval.feature_entropy.batch": 32,
+                    "eval.feature_entropy.tokens": 128})
+    run = str(tmp_path / "bae")
+    results = train_and_evaluate(cfg, run)
+    rows = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+    assert all(0 < r["entropy_bits"] <= 256 for r in rows)  # the training metric, every step
+    report = json.load(open(f"{run}/eval.json"))
+    figures = report["evaluators"]["feature_entropy"]
+    held = np.concatenate(list(EvalInputs(run, cfg, False).heldout_rows(128)))
+    assert figures["entropy_bits"] == pytest.approx(entropy(load_sae(run), held), rel=1e-12)
+    assert results["eval_metrics"]["feature_entropy_bits"] == figures["entropy_bits"]
