@@ -25,16 +25,16 @@ RUNS = [  # (name, overrides): comparable reconstruction is read off the table's
     ("bae w_e=1e-5", {"sae.family": "binary", "sae.binary.entropy_weight": 1e-5}),
     ("bae w_e=1e-4", {"sae.family": "binary", "sae.binary.entropy_weight": 1e-4}),
     ("bae w_e=1e-3", {"sae.family": "binary", "sae.binary.entropy_weight": 1e-3}),
-    ("bae sigmoid w_e=1e-4", {"sae.family": "binary", "sae.binary.entropy_weight": 1e-4,
-                              "sae.binary.estimator": "sigmoid"}),
-    ("bae sigmoid w_e=1e-3", {"sae.family": "binary", "sae.binary.entropy_weight": 1e-3,
-                              "sae.binary.estimator": "sigmoid"}),
     ("topk k=32", {"sae.family": "topk", "sae.topk.k": 32}),
     ("topk k=128", {"sae.family": "topk", "sae.topk.k": 128}),
     ("relu l1=3", {"sae.family": "relu", "sae.relu.l1_coef": 3.0}),
     ("relu l1=0.5", {"sae.family": "relu", "sae.relu.l1_coef": 0.5}),
     ("jumprelu L0->32", {"sae.family": "jumprelu", "sae.jumprelu.target_l0": 32.0}),
     ("jumprelu L0->128", {"sae.family": "jumprelu", "sae.jumprelu.target_l0": 128.0}),
+    ("bae sigmoid w_e=1e-4", {"sae.family": "binary", "sae.binary.entropy_weight": 1e-4,
+                              "sae.binary.estimator": "sigmoid"}),
+    ("bae sigmoid w_e=1e-3", {"sae.family": "binary", "sae.binary.entropy_weight": 1e-3,
+                              "sae.binary.estimator": "sigmoid"}),
 ]
 
 

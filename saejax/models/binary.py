@@ -91,8 +91,13 @@ binarize.defvjp(_binarize_fwd, _binarize_bwd)
 
 
 def bernoulli_bits(p: jax.Array) -> jax.Array:
-    """H_b(p) in bits, with the reference's 1e-10 inside the logs."""
-    return -(p * jnp.log2(p + LOG_EPS) + (1.0 - p) * jnp.log2(1.0 - p + LOG_EPS))
+    """H_b(p) in bits, with the reference's 1e-10 inside the logs.
+
+    The max(., 0) keeps XLA from folding (1 - p) + 1e-10 into (1 + 1e-10) - p, which is 0 in
+    float32 at p = 1 (a latent firing on every token) and made the loss NaN.
+    """
+    q = 1.0 - p
+    return -(p * jnp.log2(jnp.maximum(p, 0.0) + LOG_EPS) + q * jnp.log2(jnp.maximum(q, 0.0) + LOG_EPS))
 
 
 def entropy_bits(h: jax.Array, mesh: Mesh) -> jax.Array:
