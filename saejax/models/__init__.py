@@ -2,6 +2,7 @@
 
 from saejax.models.base import LossOutput, ParamSpec, SAEFamily
 from saejax.models.batchtopk import BatchTopK
+from saejax.models.binary import Binary
 from saejax.models.gated import Gated
 from saejax.models.jumprelu import JumpReLU
 from saejax.models.matryoshka import Matryoshka
@@ -17,6 +18,7 @@ FAMILIES: dict[str, type[SAEFamily]] = {
     JumpReLU.name: JumpReLU,
     ProLU.name: ProLU,
     Gated.name: Gated,
+    Binary.name: Binary,
 }
 
 
