@@ -415,8 +415,10 @@ def _check_inactive_groups(config) -> None:
     """A key of a family other than sae.family, changed from its default, is a mistake: say so."""
     from saejax.models import FAMILIES
 
+    active = FAMILIES[config.sae.family]
+    used = {config.sae.family, *active.inner_families(config.sae[config.sae.family])}
     for name, family in FAMILIES.items():
-        if name == config.sae.family:
+        if name in used:
             continue
         defaults = flatten(family.defaults().to_dict())
         for key, value in flatten(config.sae[name].to_dict()).items():
