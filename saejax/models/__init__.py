@@ -6,6 +6,7 @@ from saejax.models.gated import Gated
 from saejax.models.jumprelu import JumpReLU
 from saejax.models.matryoshka import Matryoshka
 from saejax.models.prolu import ProLU
+from saejax.models.rational import Rational
 from saejax.models.relu import ReLU
 from saejax.models.topk import TopK
 
@@ -17,6 +18,7 @@ FAMILIES: dict[str, type[SAEFamily]] = {
     JumpReLU.name: JumpReLU,
     ProLU.name: ProLU,
     Gated.name: Gated,
+    Rational.name: Rational,
 }
 
 
