@@ -91,7 +91,7 @@ class Rational(SAEFamily):
     @classmethod
     def defaults(cls):
         g = ml_collections.ConfigDict()
-        g.teacher = "relu"  # the family whose gate is replaced: relu, jumprelu, topk, batchtopk
+        g.teacher = "jumprelu"  # the family whose gate is replaced: relu, jumprelu, topk, batchtopk
         g.p = config_dict.placeholder(int)  # numerator degree; unset: 3 for relu, 9 otherwise
         g.q = config_dict.placeholder(int)  # denominator degree; unset: 2 for relu, 8 otherwise
         g.threshold = config_dict.placeholder(float)  # tau of the fitted gate t * 1[t >= tau]
