@@ -138,6 +138,8 @@ def _stage_one(config, scale: float, workdir: str):
     export_sae(os.path.join(workdir, "stage1"), tensors, cfg)
     teacher_params, teacher_state = family._loaded_teacher()
     teacher_params = {k: jnp.asarray(v) for k, v in teacher_params.items()}
+    # The teacher's codes are in its own units: 1/r goes into its decoder here (the student's C_out).
+    teacher_params["W_dec"] = teacher_params["W_dec"] / np.float32(family.init_rescale)
     teacher_state = {**family.teacher.init_state(teacher_params, sample),
                      **{k: jnp.asarray(v) for k, v in teacher_state.items()}}
     teacher_inference = family.teacher.inference_params(teacher_params, teacher_state)

@@ -16,7 +16,7 @@ OVERRIDES = {
     "sae.topk.k": 8,
     "sae.topk.k_aux": 16,
 }
-RECOVERY = 0.8  # the defaults: a ReLU teacher of rational degree (3, 2)
+RECOVERY = 0.37  # the defaults: a JumpReLU teacher, type (9, 8); measured 0.395 (JumpReLU alone: 0.39)
 
 
 def perturb(params, state, rng):
