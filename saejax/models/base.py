@@ -109,7 +109,9 @@ class SAEFamily(abc.ABC):
     def inner_families(cls, options) -> tuple[str, ...]:
         """Other families whose config groups this one reads (a wrapper's inner family). Default: none.
 
-        Their keys may be set in a run of this family, and its export carries them (`options_of`).
+        `options` is the family's group (a ConfigDict or a dict). Those groups may be set in a run
+        of this family, are part of its identity (config.active_tree) and go into its export
+        (cfg.json `options_of`).
         """
         return ()
 

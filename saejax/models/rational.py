@@ -133,7 +133,7 @@ class Rational(SAEFamily):
 
     @classmethod
     def inner_families(cls, options):
-        return (options.teacher,)
+        return (options["teacher"],)
 
     def __init__(self, config):
         from saejax.models import FAMILIES
