@@ -120,3 +120,19 @@ def test_bad_input_is_refused_with_a_clear_error(upgraded, tmp_path):
         upgrade(str(imported), str(tmp_path / "f"))
     assert str(e.value) == (f"--from {imported}: an imported SAE (no results.json) has no data of its own: "
                             "say which activations to fine-tune on with --store STORE")
+
+
+def test_the_command_line(upgraded, tmp_path, capsys):
+    from saejax.cli import main
+
+    _, teacher_dir, _, _ = upgraded
+    missing = str(tmp_path / "nowhere")
+    assert main(["upgrade", "--from", missing, "--workdir", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == f"saejax upgrade: error: --from {missing}: no such run directory"
+    out = str(tmp_path / "cli")
+    assert main(["upgrade", "--from", teacher_dir, "--workdir", out, "--config.train.steps=1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    first = lines.index(f"upgraded relu -> rational (3, 2): {out}")  # after the trainer's plan
+    assert [line.split()[0] for line in lines[first + 1:first + 4]] == ["teacher", "stage1", "student"]
+    assert lines[first + 4] == f"  eval:    {os.path.join(out, 'eval.json')}"
+    assert load_sae(out).cfg["family"] == "rational"
