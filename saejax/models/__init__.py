@@ -7,6 +7,7 @@ from saejax.models.gated import Gated
 from saejax.models.jumprelu import JumpReLU
 from saejax.models.matryoshka import Matryoshka
 from saejax.models.prolu import ProLU
+from saejax.models.rational import Rational
 from saejax.models.relu import ReLU
 from saejax.models.topk import TopK
 
@@ -19,6 +20,7 @@ FAMILIES: dict[str, type[SAEFamily]] = {
     ProLU.name: ProLU,
     Gated.name: Gated,
     Binary.name: Binary,
+    Rational.name: Rational,
 }
 
 

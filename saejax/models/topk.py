@@ -158,7 +158,7 @@ class TopK(SAEFamily):
         w_dec = lp.vary(w_dec)
 
         top_values, top_indices = lp.global_top_k(values, indices + offset, self.k_multi, self.topk_impl)
-        codes = jax.nn.relu(top_values)
+        codes = self.gate(top_values)
         codes_k, indices_k = codes[:, : self.k], top_indices[:, : self.k]
         recon = lp.decode_owned(codes_k, indices_k, w_dec) + b_pre
         recon_multi = lp.decode_owned(codes, top_indices, w_dec) + b_pre if self.multi_coef else recon
@@ -222,7 +222,7 @@ class TopK(SAEFamily):
         values, indices = lp.global_top_k(values, indices + lp.latent_offset(n_local), self.k, self.topk_impl)
         # Every device of a model group holds the same selection; pmax (a no-op on equal values)
         # makes that visible to shard_map's replication check.
-        return jax.lax.pmax(jax.nn.relu(values), MODEL_AXIS), jax.lax.pmax(indices, MODEL_AXIS)
+        return jax.lax.pmax(self.gate(values), MODEL_AXIS), jax.lax.pmax(indices, MODEL_AXIS)
 
     def encode(self, params, x, mesh):
         batch, latent = spec(("batch", None)), spec(("latent",))
