@@ -10,6 +10,7 @@
   saejax frontier SWEEP_DIR [--metric nmse] [--out DIR]
   saejax export  RUN_DIR --format saelens|sparsify|openai|dictionary_learning --out DIR
   saejax import  SRC --format saelens|sparsify|openai|dictionary_learning --out RUN_DIR
+  saejax upgrade --from RUN_DIR --workdir DIR [--store STORE] [--config.KEY=VALUE ...]
 
 CONFIG is a path to a Python file with get_config(), or the name of a
 built-in config: for train and plan default, minilm, npy, gpt2_small,
@@ -97,7 +98,27 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("src", help="the other library's SAE (file or directory)")
     imp.add_argument("--format", required=True, choices=list(FORMATS), metavar=formats)
     imp.add_argument("--out", required=True, help="new run directory: sae.safetensors + cfg.json")
+    upgrade = commands.add_parser("upgrade", help="fine-tune a trained or imported SAE into a Rational SAE")
+    upgrade.add_argument("--from", dest="from_dir", required=True,
+                         help="the teacher: a saejax run directory, or one written by `saejax import`")
+    upgrade.add_argument("--workdir", required=True, help="new run directory of the Rational SAE")
+    upgrade.add_argument("--store", default="", help="activation store to fine-tune on (needed for an imported SAE)")
     return parser
+
+
+def _upgrade(args, overrides) -> int:
+    from saejax.upgrade import upgrade
+
+    report = upgrade(args.from_dir, args.workdir, overrides, store=args.store,
+                     log=lambda m: print(m, file=sys.stderr))
+    rows = report["heldout_rows"]
+    print(f"upgraded {report['teacher_family']} -> rational {tuple(report['degrees'])}: {args.workdir}")
+    for name in ("teacher", "stage1", "student"):
+        m = rows[name]
+        print(f"  {name:<8} nmse {m['nmse']:.5f}  L0 {m['l0']:.2f}  dead {m['dead_fraction']:.4f}  "
+              f"dense {m['dense_fraction']:.4f}")
+    print(f"  eval:    {os.path.join(args.workdir, 'eval.json')}")
+    return 0
 
 
 def _interop(args) -> int:
@@ -250,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             initialize_from_env()
         if args.command == "eval":
             return _eval(args, overrides)
+        if args.command == "upgrade":
+            return _upgrade(args, overrides)
         if args.command == "sweep":
             from saejax.sweep.command import main as sweep_main
 

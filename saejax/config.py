@@ -432,8 +432,10 @@ def _check_inactive_groups(config) -> None:
                     f"config key 'train.{name}.{key}' is set ({value!r}) but belongs to algorithm {name!r}, "
                     f"and train.algorithm={config.train.algorithm!r}; set train.algorithm={name} or remove the key")
 
+    active = FAMILIES[config.sae.family]
+    used = {config.sae.family, *active.inner_families(config.sae[config.sae.family])}
     for name, family in FAMILIES.items():
-        if name == config.sae.family:
+        if name in used:
             continue
         defaults = flatten(family.defaults().to_dict())
         for key, value in flatten(config.sae[name].to_dict()).items():
@@ -465,6 +467,15 @@ def _group_names() -> dict[str, list[str]]:
     return {"sae": sorted(FAMILIES), "data": sorted(SOURCES), "train": sorted(ALGORITHMS)}
 
 
+def _inner_groups(sae, family) -> tuple[str, ...]:
+    """The families whose groups the active family reads (SAEFamily.inner_families)."""
+    from saejax.models import FAMILIES
+
+    if not isinstance(sae, dict) or family not in FAMILIES or not isinstance(sae.get(family), dict):
+        return ()
+    return tuple(name for name in FAMILIES[family].inner_families(sae[family]) if name != family)
+
+
 def active_tree(values) -> dict:
     """The config as a dict with only the groups a run uses, in a layout stable across additions.
 
@@ -479,12 +490,16 @@ def active_tree(values) -> dict:
     tree = {key: (dict(value) if isinstance(value, dict) else value) for key, value in tree.items()}
     choices = {"sae": tree.get("sae", {}).get("family"), "data": tree.get("data", {}).get("source"),
                "train": tree.get("train", {}).get("algorithm")}
+    inner = _inner_groups(tree.get("sae"), choices["sae"])
     for parent, names in _group_names().items():
         node = tree.get(parent)
         if not isinstance(node, dict):
             continue
         for name in names:
             group = node.pop(name, None)
+            if parent == "sae" and name in inner and isinstance(group, dict):
+                node[name] = group  # a wrapper family's inner family: its group, whole
+                continue
             if name != choices[parent] or not isinstance(group, dict):
                 continue
             if parent == "sae":

@@ -303,8 +303,18 @@ def _family_from_cfg(cfg: dict[str, Any]):
         options = {key: cfg[key] for key in FAMILIES[name].defaults() if key in cfg}
     for key, value in options.items():
         set_value(config, f"sae.{name}.{key}", value)
+    set_inner_options(config, cfg)
     config.lock()
     return get_family(config)
+
+
+def set_inner_options(config, cfg: dict[str, Any]) -> None:
+    """The options of the families a wrapper family reads (cfg.json `options_of`), into `config`."""
+    from saejax.config import set_value
+
+    for inner, options in (cfg.get("options_of") or {}).items():
+        for key, value in options.items():
+            set_value(config, f"sae.{inner}.{key}", value)
 
 
 def load_sae(directory: str) -> SAE:

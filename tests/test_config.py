@@ -96,7 +96,7 @@ def test_config_file_without_argument_rejects_a_variant(tmp_path):
 def test_unknown_override_key_names_it_and_suggests_close_matches():
     with pytest.raises(ConfigError, match=r"unknown config key 'sae\.kk'\. Did you mean 'k' \(sae\.topk\.k\)\?") as info:
         load_config("default", [("sae.kk", "3")])
-    assert "Known keys here: batchtopk, d, dead_tokens, dense_threshold, family," in str(info.value)
+    assert "Known keys here: batchtopk, binary, d, dead_tokens, dense_threshold, family," in str(info.value)
     with pytest.raises(ConfigError, match=r"unknown config key 'sea'\. Did you mean 'sae'\?"):
         load_config("default", [("sea.k", "3")])
     with pytest.raises(ConfigError, match=r"unknown config key 'optim\.learning_rate'"):

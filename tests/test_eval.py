@@ -149,7 +149,8 @@ def test_loss_recovered_is_one_for_the_identity_and_zero_for_the_ablation(tiny):
 
 def test_eval_at_the_end_of_a_run_writes_every_metric(tiny):
     report = json.load(open(os.path.join(tiny.run, "eval.json")))
-    assert sorted(report["evaluators"]) == ["ablation", "downstream", "explain", "probes", "reconstruction"]
+    assert sorted(report["evaluators"]) == ["ablation", "downstream", "explain", "feature_entropy", "probes",
+                                          "reconstruction"]
     assert report["skipped"] == {}
     down = report["evaluators"]["downstream"]
     assert down["ce_zero_ablated"] > down["ce_spliced"] > 0 and down["predictions"] == 12 * 31
@@ -225,7 +226,7 @@ def test_a_model_without_lm_head_skips_the_downstream_metrics_with_a_note(tokeni
     report = json.load(open(tmp_path / "run" / "eval.json"))
     note = f"{bare} (architectures ['GPT2Model']) was saved without a causal LM head, which the downstream metrics need"
     assert report["skipped"] == {"downstream": note, "ablation": note}
-    assert sorted(report["evaluators"]) == ["explain", "probes", "reconstruction"]
+    assert sorted(report["evaluators"]) == ["explain", "feature_entropy", "probes", "reconstruction"]
 
 
 def test_synthetic_runs_skip_the_model_metrics(tmp_path):

@@ -11,6 +11,7 @@ from saejax.evaluation.ablation import AblationSparsity
 from saejax.evaluation.base import Evaluator
 from saejax.evaluation.downstream import Downstream
 from saejax.evaluation.explain import Explainability
+from saejax.evaluation.feature_entropy import FeatureEntropy
 from saejax.evaluation.probes import Probes
 from saejax.evaluation.reconstruction import Reconstruction
 
@@ -20,6 +21,7 @@ EVALUATORS: dict[str, type[Evaluator]] = {e.name: e for e in (
     Probes,
     AblationSparsity,
     Explainability,
+    FeatureEntropy,
 )}
 
 __all__ = ["EVALUATORS", "Evaluator"]

@@ -23,7 +23,7 @@ def _imported_config(run_dir: str, store: str):
     import json
 
     from saejax.config import base_config, set_value
-    from saejax.export import CONFIG_FILE
+    from saejax.export import CONFIG_FILE, set_inner_options
 
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.exists(path):
@@ -41,6 +41,7 @@ def _imported_config(run_dir: str, store: str):
     set_value(config, "sae.n", int(cfg["n"]))
     for key, value in (cfg.get("options") or {}).items():
         set_value(config, f"sae.{cfg['family']}.{key}", value)
+    set_inner_options(config, cfg)
     set_value(config, "data.source", "store")
     set_value(config, "data.path", store)
     set_value(config, "data.batch_size", 256)  # only the store's size check reads it: evaluation batches itself

@@ -2,10 +2,12 @@
 
 from saejax.models.base import LossOutput, ParamSpec, SAEFamily
 from saejax.models.batchtopk import BatchTopK
+from saejax.models.binary import Binary
 from saejax.models.gated import Gated
 from saejax.models.jumprelu import JumpReLU
 from saejax.models.matryoshka import Matryoshka
 from saejax.models.prolu import ProLU
+from saejax.models.rational import Rational
 from saejax.models.relu import ReLU
 from saejax.models.topk import TopK
 
@@ -17,6 +19,8 @@ FAMILIES: dict[str, type[SAEFamily]] = {
     JumpReLU.name: JumpReLU,
     ProLU.name: ProLU,
     Gated.name: Gated,
+    Binary.name: Binary,
+    Rational.name: Rational,
 }
 
 

@@ -115,6 +115,16 @@ class SAEFamily(abc.ABC):
         so those runs keep their identity and sweep hash."""
         return {}
 
+    @classmethod
+    def inner_families(cls, options) -> tuple[str, ...]:
+        """Other families whose config groups this one reads (a wrapper's inner family). Default: none.
+
+        `options` is the family's group (a ConfigDict or a dict). Those groups may be set in a run
+        of this family, are part of its identity (config.active_tree) and go into its export
+        (cfg.json `options_of`).
+        """
+        return ()
+
     # ------------------------------------------------------------------ construction
 
     def __init__(self, config):
@@ -185,6 +195,14 @@ class SAEFamily(abc.ABC):
         """Specs of `inference_params` (default: the parameters')."""
         return self.param_specs()
 
+    def gate(self, values: jax.Array) -> jax.Array:
+        """The scalar function of the pre-activations a family's selection keeps (ReLU by default).
+
+        The selection (top-k, a threshold, pre > 0) decides which latents are on; the gate gives
+        their values. A wrapper family (saejax.models.rational) replaces it, keeping the selection.
+        """
+        return jax.nn.relu(values)
+
     @abc.abstractmethod
     def encode(self, params: Params, x: jax.Array, mesh: Mesh) -> Codes:
         """Inference codes of a (B, d) batch (normalised activations), as the family infers."""
@@ -217,7 +235,7 @@ class SAEFamily(abc.ABC):
             "layout": {name: [axis_names[a] for a in spec.axes] for name, spec in specs.items()},
         }
         if self.has_k:
-            cfg["k"] = int(self.options[self.sparsity_key])
+            cfg["k"] = int(self.sparsity_control()["value"])
         return {name: params[name] for name in specs}, cfg
 
 

@@ -184,7 +184,7 @@ class BatchTopK(TopK):
         tau = bt.kth_largest(frozen, target)
 
         def from_candidates():
-            return emit["sparse"](jnp.where(values >= tau, jax.nn.relu(values), 0.0), indices), tau
+            return emit["sparse"](jnp.where(values >= tau, self.gate(values), 0.0), indices), tau
 
         if capacity == n_local:  # every local latent is a candidate: exact by construction
             emitted, tau = from_candidates()
@@ -201,14 +201,14 @@ class BatchTopK(TopK):
             others = jnp.where(overflow[:, None], -jnp.inf, frozen)
             tau_rows = bt.kth_largest((others, jnp.where(valid, jax.lax.stop_gradient(pre_rows), -jnp.inf)),
                                       target)
-            codes = jnp.where((values >= tau_rows) & ~overflow[:, None], jax.nn.relu(values), 0.0)
-            z_rows = jnp.where(valid & (pre_rows >= tau_rows), jax.nn.relu(pre_rows), 0.0)
+            codes = jnp.where((values >= tau_rows) & ~overflow[:, None], self.gate(values), 0.0)
+            z_rows = jnp.where(valid & (pre_rows >= tau_rows), self.gate(pre_rows), 0.0)
             return emit["merge"](emit["sparse"](codes, indices), emit["rows"](z_rows, rows)), tau_rows
 
         def from_block():
             pre = self._pre(*inputs)
             tau_block = bt.kth_largest(jax.lax.stop_gradient(pre), target)
-            return emit["block"](jnp.where(pre >= tau_block, jax.nn.relu(pre), 0.0)), tau_block
+            return emit["block"](jnp.where(pre >= tau_block, self.gate(pre), 0.0)), tau_block
 
         path = jnp.where(worst == 0, 0, jnp.where(worst <= num_rows, 1, 2)).astype(jnp.int32)
         emitted, tau = jax.lax.switch(path, [from_candidates, from_rows, from_block])
@@ -369,7 +369,7 @@ class BatchTopK(TopK):
         """JumpReLU with the estimated threshold: dense (B, n) codes, split over the latent axis."""
         pre = (x - params["b_pre"]) @ params["W_enc"] + params["b_enc"]
         pre = jax.lax.with_sharding_constraint(pre, named(mesh, ("batch", "latent")))
-        return DenseCodes(jnp.where(pre > params["threshold"], jax.nn.relu(pre), 0.0))
+        return DenseCodes(jnp.where(pre > params["threshold"], self.gate(pre), 0.0))
 
     def decode(self, params, codes, mesh):
         if isinstance(codes, SparseCodes):

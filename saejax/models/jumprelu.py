@@ -232,6 +232,14 @@ class JumpReLU(SAEFamily):
         dtype = jnp.dtype(self.compute_dtype)
         return jnp.dot(codes.astype(dtype), w_dec.astype(dtype), preferred_element_type=jnp.float32) + b_dec
 
+    def gate(self, values):
+        """A kept latent's value is its pre-activation (see SAEFamily.gate)."""
+        return values
+
+    def jump(self, pre, threshold):
+        """Training codes: gate(pre) * H(pre - theta), straight-through (pre * H here)."""
+        return jump_relu(pre, threshold, self.bandwidth)
+
     def next_coef(self, coef, l0, step):
         """target_l0's controller: lambda * exp(rate * clip(relative L0 error, -1, 1)), after warm-up."""
         error = jnp.clip((l0 - self.target_l0) / self.target_l0, -1.0, 1.0)
@@ -241,7 +249,7 @@ class JumpReLU(SAEFamily):
     def loss(self, params, state, batch, ctx):
         threshold = jnp.exp(params["log_threshold"])
         pre = self.pre_activations(params, batch, ctx.mesh)
-        codes = jump_relu(pre, threshold, self.bandwidth)
+        codes = self.jump(pre, threshold)
         recon = self.decode_dense(codes, params["W_dec"], params["b_dec"])
         nmse = normalized_mse(batch, recon)
         l0 = jnp.mean(jnp.sum(heaviside(pre, threshold, self.bandwidth), axis=1))
@@ -284,7 +292,7 @@ class JumpReLU(SAEFamily):
 
     def encode(self, params, x, mesh):
         pre = self.pre_activations(params, x, mesh)
-        return DenseCodes(pre * (pre > params["threshold"]).astype(pre.dtype))
+        return DenseCodes(jnp.where(pre > params["threshold"], self.gate(pre), 0.0))
 
     def decode(self, params, codes, mesh):
         return self.decode_dense(codes.values, params["W_dec"], params["b_dec"])

@@ -48,7 +48,7 @@ class ReLU(DenseFamily):
 
     def codes(self, params, x, mesh):
         pre = encoder_product(x, params["b_pre"], params["W_enc"], mesh, self.compute_dtype) + params["b_enc"]
-        return sharded_block(jax.nn.relu(pre), mesh)
+        return sharded_block(self.gate(pre), mesh)
 
     def flops_per_step(self, batch_size):
         # Matmuls: encoder, decoder; backward: code and W_dec gradients, W_enc gradient.

@@ -194,7 +194,7 @@ class TopK(SAEFamily):
                 lp.vary(x), lp.vary(center), lp.vary(w_enc), lp.vary(b_enc), dead, dead_count
             )
             top_values, top_indices = lp.global_top_k(values, indices + offset, self.k_multi, self.topk_impl)
-            codes = jax.nn.relu(top_values)
+            codes = self.gate(top_values)
         w_dec = lp.vary(w_dec)
         codes_k, indices_k = codes[:, : self.k], top_indices[:, : self.k]
         recon = lp.decode_owned(codes_k, indices_k, w_dec) + b_pre
@@ -263,7 +263,7 @@ class TopK(SAEFamily):
         values, indices = lp.global_top_k(values, indices + lp.latent_offset(n_local), self.k, self.topk_impl)
         # Every device of a model group holds the same selection; pmax (a no-op on equal values)
         # makes that visible to shard_map's replication check.
-        return jax.lax.pmax(jax.nn.relu(values), MODEL_AXIS), jax.lax.pmax(indices, MODEL_AXIS)
+        return jax.lax.pmax(self.gate(values), MODEL_AXIS), jax.lax.pmax(indices, MODEL_AXIS)
 
     def encode(self, params, x, mesh):
         batch, latent = spec(("batch", None)), spec(("latent",))
