@@ -423,26 +423,25 @@ def _check_inactive_groups(config) -> None:
     from saejax.models import FAMILIES
 
     for name, algorithm in ALGORITHMS.items():
-        if name == config.train.algorithm or algorithm.defaults() is None:
-            continue
-        defaults = flatten(algorithm.defaults().to_dict())
-        for key, value in flatten(config.train[name].to_dict()).items():
-            if value != defaults.get(key):
-                raise ConfigError(
-                    f"config key 'train.{name}.{key}' is set ({value!r}) but belongs to algorithm {name!r}, "
-                    f"and train.algorithm={config.train.algorithm!r}; set train.algorithm={name} or remove the key")
-
+        if name != config.train.algorithm and algorithm.defaults() is not None:
+            _refuse_changed_keys(config.train[name], algorithm.defaults(), "train", name, "algorithm",
+                                 config.train.algorithm)
     active = FAMILIES[config.sae.family]
     used = {config.sae.family, *active.inner_families(config.sae[config.sae.family])}
     for name, family in FAMILIES.items():
-        if name in used:
-            continue
-        defaults = flatten(family.defaults().to_dict())
-        for key, value in flatten(config.sae[name].to_dict()).items():
-            if value != defaults.get(key):
-                raise ConfigError(
-                    f"config key 'sae.{name}.{key}' is set ({value!r}) but belongs to family {name!r}, and "
-                    f"sae.family={config.sae.family!r}; set sae.family={name} or remove the key")
+        if name not in used:
+            _refuse_changed_keys(config.sae[name], family.defaults(), "sae", name, "family", config.sae.family)
+
+
+def _refuse_changed_keys(group, defaults, parent: str, name: str, kind: str, chosen: str) -> None:
+    """A key of group `parent.name` (a family or algorithm not chosen) changed from its default."""
+    defaults = flatten(defaults.to_dict())
+    for key, value in flatten(group.to_dict()).items():
+        if value != defaults.get(key):
+            selector = f"{parent}.{kind}"
+            raise ConfigError(
+                f"config key '{parent}.{name}.{key}' is set ({value!r}) but belongs to {kind} {name!r}, and "
+                f"{selector}={chosen!r}; set {selector}={name} or remove the key")
 
 
 # ---------------------------------------------------------------------------- run identity
