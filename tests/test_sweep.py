@@ -257,10 +257,12 @@ def test_shipped_studies_are_valid_grids(tmp_path, study, devices, count):
         validate(spec.config, devices)
     if study == "minilm_cpu.py":  # without a data.path the study trains on its own store
         assert specs(loaded, str(tmp_path / "w"))[0].config.data.path == str(tmp_path / "w" / "acts")
-    if study == "families_minilm.py":  # every family of the registry is on the frontier
+    if study == "families_minilm.py":  # every family of the registry is on the frontier, but
         from saejax.models import FAMILIES
 
-        assert {s.config.sae.family for s in grid} == set(FAMILIES)
+        # BAE (L0 in the hundreds) and the RSAE (a fine-tuned teacher) have their own studies:
+        # experiments/bae_untangle.py against TopK/ReLU/JumpReLU, experiments/rsae_minilm.py.
+        assert {s.config.sae.family for s in grid} == set(FAMILIES) - {"binary", "rational"}
     if study == "gpt2_small.py":
         assert {s.config.sae.n for s in grid} == {2**p for p in range(15, 21)}
         assert {s.config.sae.topk.k for s in grid} == {8, 16, 32, 64, 128}
