@@ -221,9 +221,6 @@ def test_export_read_by_load_sae_reconstructs_like_the_trained_model(name, train
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_trains_from_its_defaults_and_recovers_the_synthetic_dictionary(name, tmp_path):
-    skip = getattr(reference_module(name), "SKIP_DEFAULTS_TRAINING", None)
-    if skip and not os.environ.get("SAEJAX_ALL_DEFAULTS_TRAINING"):
-        pytest.skip(f"{skip} (set SAEJAX_ALL_DEFAULTS_TRAINING=1 to run it)")
     config = load_config("default", [("sae.family", name), ("mesh.model", "1"), ("train.progress", "false")])
     results = train_and_evaluate(config, str(tmp_path))
     held_out = results["eval_metrics"]

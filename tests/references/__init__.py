@@ -10,9 +10,6 @@ Each module `<family>.py` defines
                    optional: move parameters off their init so every term of the loss is exercised
   reference(family, params, state, x, step, dead) -> {"loss", "state", "fire_counts"}
                    the loss written the obvious way: dense codes, plain jnp, one device
-  SKIP_DEFAULTS_TRAINING
-                   optional: why the (slow) defaults-training test is left out of CI for this
-                   family; SAEJAX_ALL_DEFAULTS_TRAINING=1 runs it anyway
 
 A new family without a module here fails `test_every_family_has_a_reference`.
 """

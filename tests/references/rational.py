@@ -17,9 +17,6 @@ OVERRIDES = {
     "sae.topk.k_aux": 16,
 }
 RECOVERY = 0.37  # the defaults: a JumpReLU teacher, type (9, 8); measured 0.395 (JumpReLU alone: 0.39)
-SKIP_DEFAULTS_TRAINING = (
-    "a wrapper: from its defaults it trains JumpReLU's defaults with a rational gate, which passed "
-    "(mmcs 0.395, L0 in range) but takes ~250 s on 2 shared cores, over this family's CI budget")
 
 
 def perturb(params, state, rng):
